@@ -1,0 +1,414 @@
+"""Training entry point with LLaVA's flags plus the official p-MoD ``--mod_*`` flags.
+
+Run it as ``python -m llava.train.train``, with ``torchrun`` or with the ``deepspeed`` launcher. Stage 1
+(``--tune_mm_mlp_adapter True``) trains the projector only; stage 2 trains the LLM and the projector (and the
+p-MoD routers), with the vision tower frozen; ``--lora_enable`` trains LoRA adapters instead of the LLM.
+Every flag is checked before a model is built, so a typo costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+from llava.train.llava_trainer import (
+    NON_LORA_FILE,
+    LLaVATrainer,
+    gathered,
+    is_peft_model,
+    load_partial_state,
+)
+
+logger = logging.getLogger(__name__)
+
+MOD_TOKEN_TYPES = ("vision_all", "vision_hr", "all")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+LORA_BIASES = ("none", "all", "lora_only")
+NOT_LORA_TARGETS = ("mm_projector", "vision_tower", "vision_resampler", "router", "lm_head")
+TRAINABLE_BESIDE_LORA = ("mm_projector", "router", "image_newline")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "base LLM (or LLaVA checkpoint) folder or hub id"})
+    version: str = field(default="v1", metadata={"help": "conversation template: plain (stage 1), v1 / vicuna_v1 (stage 2)"})
+    freeze_backbone: bool = False
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
+    vision_tower: str | None = None
+    mm_vision_select_layer: int = -1
+    mm_vision_select_feature: str = "patch"
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "mm_projector.bin from stage 1"})
+    mm_projector_type: str = "linear"
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    mm_patch_merge_type: str = "flat"
+    mod_target_layers: str | None = field(
+        default=None, metadata={"help": "p-MoD schedule, e.g. shiftedcos_decay_0.85_0.15; unset = dense LLaVA"}
+    )
+    mod_target_token_type: str | None = field(default=None, metadata={"help": "vision_all (default), vision_hr or all"})
+    mod_router_factor: float = 0.5
+    mod_weight_norm: str | None = field(default=None, metadata={"help": "router weight norm, e.g. tanh_0.2_1"})
+    mod_bias_enabled: bool = False
+    mod_special_init: bool = field(default=False, metadata={"help": "zero-initialise the routers"})
+
+    @property
+    def mod_enabled(self) -> bool:
+        return bool(self.mod_target_layers)
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(default=None, metadata={"help": "LLaVA-format JSON list of conversations"})
+    lazy_preprocess: bool = False
+    is_multimodal: bool = False
+    image_folder: str | None = None
+    image_aspect_ratio: str = "square"
+    max_num_sub_images: int = field(default=4, metadata={"help": "anyres: most tiles per image (p-MoD)"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = None
+    optim: str = "adamw_torch"
+    remove_unused_columns: bool = False
+    freeze_mm_mlp_adapter: bool = False
+    model_max_length: int = field(default=512, metadata={"help": "longest tokenized sequence (before image expansion)"})
+    double_quant: bool = True
+    quant_type: str = "nf4"
+    bits: int = field(default=16, metadata={"help": "16, or 4 / 8 with bitsandbytes on a GPU"})
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_weight_path: str = field(default="", metadata={"help": "LoRA adapter folder to start from"})
+    lora_bias: str = "none"
+    mm_projector_lr: float | None = None
+    mm_vision_tower_lr: float | None = None
+    group_by_modality_length: bool = False
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2, or auto (flash-attn when installed)"}
+    )
+
+
+def parse_args(argv=None):
+    """Parse the three dataclasses; on a machine without CUDA, DeepSpeed runs need ``use_cpu`` (gloo)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--deepspeed" in argv and "--use_cpu" not in argv and not torch.cuda.is_available():
+        argv += ["--use_cpu", "True"]
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.mod_enabled and model_args.mod_target_token_type is None:
+        model_args.mod_target_token_type = "vision_all"
+    if isinstance(training_args.resume_from_checkpoint, str) and training_args.resume_from_checkpoint.lower() == "true":
+        training_args.resume_from_checkpoint = True
+    return model_args, data_args, training_args
+
+
+def validate_args(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+    """Reject bad flags with a message naming the flag, before anything heavy happens. Returns the LLM config."""
+    from llava.conversation import get_conv_template
+
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required")
+    if not data_args.data_path or not os.path.isfile(data_args.data_path):
+        raise ValueError(f"--data_path must be an existing JSON file, got {data_args.data_path!r}")
+    if data_args.image_folder and not os.path.isdir(data_args.image_folder):
+        raise ValueError(f"--image_folder {data_args.image_folder!r} is not a folder")
+    try:
+        get_conv_template(model_args.version)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"--version {model_args.version!r} is not a known conversation template: {err}") from err
+    _check_choice("--attn_implementation", training_args.attn_implementation, ATTN_IMPLEMENTATIONS)
+    _check_choice("--lora_bias", training_args.lora_bias, LORA_BIASES)
+    _check_bits(training_args.bits)
+    if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
+        raise ValueError("--tune_mm_mlp_adapter (stage 1) trains the projector only; it cannot be combined with --lora_enable")
+    if model_args.tune_mm_mlp_adapter and not model_args.vision_tower:
+        raise ValueError("--tune_mm_mlp_adapter needs --vision_tower")
+    if model_args.pretrain_mm_mlp_adapter and not os.path.isfile(model_args.pretrain_mm_mlp_adapter):
+        raise ValueError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter!r} is not a file")
+    config = _load_llm_config(model_args, training_args)
+    if model_args.mod_enabled:
+        _validate_mod_args(model_args, config)
+    return config
+
+
+def _check_choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _check_bits(bits: int) -> None:
+    _check_choice("--bits", bits, (4, 8, 16))
+    if bits == 16:
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"--bits {bits} needs bitsandbytes, which is not installed; use --bits 16") from err
+    if not torch.cuda.is_available():
+        raise ValueError(f"--bits {bits} needs a CUDA device; on CPU use --bits 16")
+
+
+def _load_llm_config(model_args: ModelArguments, training_args: TrainingArguments):
+    import llava.model  # noqa: F401  (registers the llava_llama / pmod_llava_llama config types)
+
+    try:
+        return transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r}: cannot read its config ({err})") from err
+
+
+def _validate_mod_args(model_args: ModelArguments, config) -> None:
+    from pmod.schedule import parse_schedule
+    from pmod.weight_norm import parse_weight_norm
+
+    _check_choice("--mod_target_token_type", model_args.mod_target_token_type, MOD_TOKEN_TYPES)
+    parse_schedule(model_args.mod_target_layers, model_args.mod_router_factor, config.num_hidden_layers)
+    parse_weight_norm(model_args.mod_weight_norm)
+    if not (model_args.vision_tower or getattr(config, "mm_vision_tower", None)):
+        raise ValueError("p-MoD routes vision tokens: --mod_target_layers needs --vision_tower")
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """``auto`` and an unavailable ``flash_attention_2`` fall back to SDPA (flash-attn is optional)."""
+    if requested not in ("auto", "flash_attention_2"):
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available() and torch.cuda.is_available():
+        return "flash_attention_2"
+    if requested == "flash_attention_2":
+        logger.warning("flash_attention_2 requested but flash-attn is not usable here; using sdpa")
+    return "sdpa"
+
+
+def compute_dtype_of(training_args: TrainingArguments) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def quantization_kwargs(training_args: TrainingArguments, compute_dtype: torch.dtype) -> dict:
+    """4/8-bit loading (QLoRA); the projector stays in full precision."""
+    if training_args.bits == 16:
+        return {}
+    return {
+        "quantization_config": transformers.BitsAndBytesConfig(
+            load_in_4bit=training_args.bits == 4,
+            load_in_8bit=training_args.bits == 8,
+            llm_int8_skip_modules=["mm_projector"],
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=training_args.double_quant,
+            bnb_4bit_quant_type=training_args.quant_type,
+        ),
+        "device_map": {"": training_args.device},
+    }
+
+
+def build_tokenizer(model_args: ModelArguments, training_args: TrainingArguments):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is None:
+            raise ValueError(f"the tokenizer of {model_args.model_name_or_path!r} has neither a pad nor an unk token")
+        tokenizer.pad_token = tokenizer.unk_token  # LLaVA's choice for Vicuna
+    return tokenizer
+
+
+def build_model(model_args, data_args, training_args, compute_dtype):
+    """Load the LLM into the LLaVA (or p-MoD) class, attach the vision modules and the routers."""
+    from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM
+
+    model_cls = PmodLlavaLlamaForCausalLM if model_args.mod_enabled else LlavaLlamaForCausalLM
+    model = model_cls.from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=training_args.cache_dir,
+        dtype=compute_dtype,
+        attn_implementation=resolve_attn_implementation(training_args.attn_implementation),
+        **quantization_kwargs(training_args, compute_dtype),
+    )
+    model.config.use_cache = False
+    if training_args.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training_args.gradient_checkpointing
+        )
+    if model_args.vision_tower:
+        model.get_model().initialize_vision_modules(model_args)
+        vision_tower = model.get_vision_tower()
+        vision_tower.to(dtype=compute_dtype, device=training_args.device)
+        vision_tower.requires_grad_(False)
+        configure_multimodal(model, vision_tower, model_args, data_args, training_args)
+    if model_args.mod_enabled:
+        model.get_model().initialize_mod_modules(model_args)
+        for name, param in model.named_parameters():
+            if "router" in name and param.dtype != compute_dtype:
+                param.data = param.data.to(compute_dtype)
+    return model
+
+
+def configure_multimodal(model, vision_tower, model_args, data_args, training_args) -> None:
+    """Hand the image processor to the data side and record LLaVA's multimodal settings in the config."""
+    from llava.mm_utils import anyres_grid_pinpoints
+
+    data_args.image_processor = vision_tower.image_processor
+    data_args.is_multimodal = True
+    if data_args.image_aspect_ratio.startswith("anyres"):
+        tile = vision_tower.image_processor.crop_size["height"]
+        data_args.image_grid_pinpoints = anyres_grid_pinpoints(data_args.max_num_sub_images, tile)
+    config = model.config
+    config.image_aspect_ratio = data_args.image_aspect_ratio
+    config.image_grid_pinpoints = data_args.image_grid_pinpoints
+    config.max_num_sub_images = data_args.max_num_sub_images
+    config.tokenizer_padding_side = "right"
+    config.tokenizer_model_max_length = training_args.model_max_length
+    config.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+    config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
+    config.mm_use_im_start_end = model_args.mm_use_im_start_end
+    config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
+    config.mm_projector_lr = training_args.mm_projector_lr
+    config.mm_vision_tower_lr = training_args.mm_vision_tower_lr
+
+
+def configure_trainable(model, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Stage 1: projector only. Stage 2: everything but the vision tower (and the backbone if frozen)."""
+    if model_args.freeze_backbone:
+        model.get_model().requires_grad_(False)
+    if model_args.vision_tower:
+        projector = model.get_model().mm_projector
+        if model_args.tune_mm_mlp_adapter:
+            model.requires_grad_(False)
+            projector.requires_grad_(True)
+        if training_args.freeze_mm_mlp_adapter:
+            projector.requires_grad_(False)
+        model.get_vision_tower().requires_grad_(False)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+
+def lora_target_modules(model) -> list[str]:
+    """Every nn.Linear of the LLM by full name: not the head, the projector, the vision tower or the routers."""
+    return sorted(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not any(part in name for part in NOT_LORA_TARGETS)
+    )
+
+
+def apply_lora(model, training_args: TrainingArguments):
+    """Wrap the LLM linears with LoRA; projector, routers and image_newline stay fully trainable."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    if training_args.lora_weight_path:
+        model = PeftModel.from_pretrained(model, training_args.lora_weight_path, is_trainable=True)
+        extra = os.path.join(training_args.lora_weight_path, NON_LORA_FILE)
+    else:
+        lora_config = LoraConfig(
+            r=training_args.lora_r,
+            lora_alpha=training_args.lora_alpha,
+            target_modules=lora_target_modules(model),
+            lora_dropout=training_args.lora_dropout,
+            bias=training_args.lora_bias,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
+        extra = None
+    for name, param in model.named_parameters():
+        if any(part in name for part in TRAINABLE_BESIDE_LORA):
+            param.requires_grad_(not ("mm_projector" in name and training_args.freeze_mm_mlp_adapter))
+    if extra and os.path.isfile(extra):
+        load_partial_state(model, load_file(extra))
+    return model
+
+
+def base_config(model):
+    return model.get_base_model().config if is_peft_model(model) else model.config
+
+
+def save_final(trainer: LLaVATrainer, model_args: ModelArguments, training_args: TrainingArguments, tokenizer) -> None:
+    """Stage 1: mm_projector.bin + config. LoRA: the adapter in lora_adapter/ and a merged full model.
+    Otherwise the full model (safetensors), config with use_cache=True, and the tokenizer."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base_config(model).use_cache = True
+    output_dir = training_args.output_dir
+    if not is_peft_model(model):
+        trainer.save_model(output_dir)
+        return
+    trainer.save_model(os.path.join(output_dir, "lora_adapter"))
+    with gathered(list(model.parameters())):
+        if training_args.should_save:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+            logger.info("Saved the LoRA-merged model to %s", output_dir)
+
+
+def configure_reporting(training_args: TrainingArguments) -> None:
+    """wandb only when asked for, and offline unless the user set up syncing."""
+    if "wandb" in (training_args.report_to or []) and "WANDB_API_KEY" not in os.environ:
+        os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def find_resume_checkpoint(training_args: TrainingArguments):
+    """An explicit --resume_from_checkpoint wins; otherwise, like LLaVA, continue from the output dir's checkpoints."""
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if list(pathlib.Path(training_args.output_dir).glob("checkpoint-*")):
+        logger.warning("resuming from the last checkpoint in %s", training_args.output_dir)
+        return True
+    return None
+
+
+def train(argv=None) -> None:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    validate_args(model_args, data_args, training_args)
+    configure_reporting(training_args)
+    training_args.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+    if training_args.deepspeed and not torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else "nccl")
+
+    from llava.train.dataset import make_supervised_data_module
+
+    compute_dtype = compute_dtype_of(training_args)
+    data_args.version = model_args.version
+    data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
+    data_args.image_processor = None
+    data_args.image_grid_pinpoints = None
+    tokenizer = build_tokenizer(model_args, training_args)
+    model = build_model(model_args, data_args, training_args, compute_dtype)
+    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
+        model.initialize_vision_tokenizer(model_args, tokenizer=tokenizer)
+    configure_trainable(model, model_args, training_args)
+    if training_args.lora_enable:
+        model = apply_lora(model, training_args)
+    data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args)
+
+    trainer = LLaVATrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
+    trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+    trainer.save_state()
+    save_final(trainer, model_args, training_args, tokenizer)
+
+
+if __name__ == "__main__":
+    train()

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Stage 1 (LLaVA-1.5 feature alignment): train the mlp2x_gelu projector on LCS-558K with the plain template.
+# Recipe: 1 epoch, lr 1e-3, global batch 256 (32 x 8 GPUs), max length 2048, bf16, tf32, ZeRO-2.
+# Every path and size is an environment variable; extra arguments go to llava.train.train (last one wins).
+set -euo pipefail
+
+MODEL=${MODEL:-lmsys/vicuna-7b-v1.5}
+VISION_TOWER=${VISION_TOWER:-openai/clip-vit-large-patch14-336}
+DATA_PATH=${DATA_PATH:-./playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-./playground/data/LLaVA-Pretrain/images}
+OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-pretrain}
+GLOBAL_BATCH=${GLOBAL_BATCH:-256}
+PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-32}
+LR=${LR:-1e-3}
+EPOCHS=${EPOCHS:-1}
+MAX_STEPS=${MAX_STEPS:--1}
+MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-2048}
+PRECISION_FLAGS=${PRECISION_FLAGS:---bf16 True --tf32 True}
+GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}
+NUM_WORKERS=${NUM_WORKERS:-4}
+SAVE_STEPS=${SAVE_STEPS:-24000}
+REPORT_TO=${REPORT_TO:-none}
+DEFAULT_DS_CONFIG=scripts/zero2.json
+source "$(dirname "${BASH_SOURCE[0]}")/train_launcher.sh"
+
+# shellcheck disable=SC2086
+launch_train \
+    --model_name_or_path "$MODEL" \
+    --version plain \
+    --data_path "$DATA_PATH" \
+    --image_folder "$IMAGE_FOLDER" \
+    --vision_tower "$VISION_TOWER" \
+    --mm_projector_type mlp2x_gelu \
+    --tune_mm_mlp_adapter True \
+    --mm_vision_select_layer -2 \
+    --mm_use_im_start_end False \
+    --mm_use_im_patch_token False \
+    $PRECISION_FLAGS \
+    --output_dir "$OUTPUT_DIR" \
+    --num_train_epochs "$EPOCHS" \
+    --max_steps "$MAX_STEPS" \
+    --per_device_train_batch_size "$PER_DEVICE_BATCH" \
+    --per_device_eval_batch_size 4 \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --eval_strategy no \
+    --save_strategy steps \
+    --save_steps "$SAVE_STEPS" \
+    --save_total_limit 1 \
+    --learning_rate "$LR" \
+    --weight_decay 0. \
+    --warmup_ratio 0.03 \
+    --lr_scheduler_type cosine \
+    --logging_steps 1 \
+    --model_max_length "$MODEL_MAX_LENGTH" \
+    --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
+    --dataloader_num_workers "$NUM_WORKERS" \
+    --lazy_preprocess True \
+    --report_to "$REPORT_TO" \
+    "$@"
