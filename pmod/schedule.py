@@ -181,7 +181,7 @@ def schedule_from_config(config) -> RetentionSchedule | None:
     if spec is None:
         return None
     text_config = getattr(config, "text_config", None) or config
-    num_layers = getattr(config, "num_hidden_layers", None) or getattr(text_config, "num_hidden_layers")
+    num_layers = getattr(config, "num_hidden_layers", None) or text_config.num_hidden_layers
     schedule = parse_schedule(spec, getattr(config, "mod_router_factor", None), num_layers)
     check_layer_indices(schedule, getattr(config, "mod_target_layer_indices", None))
     return schedule
@@ -217,16 +217,16 @@ def _decay_ratios(spec: str, kind: str, max_ratio: float, min_ratio: float, fact
 
 def _constant_ratios(spec: str, factor: float, num_layers: int):
     if not 0.0 < factor <= 1.0:
-        raise ValueError(f"{FACTOR_FLAG} is the keep ratio of {SCHEDULE_FLAG} {spec!r} and must be in (0, 1], got {factor}")
-    last = {"deep_all": num_layers - 2, "deep_all_include_last": num_layers - 1}
-    if spec == "interleave":
-        chosen = range(1, num_layers, 2)
-    elif spec == "constant":
-        chosen = range(num_layers)
-    else:
-        chosen = range(2, last[spec] + 1)
-    chosen = set(chosen)
-    return [factor if layer in chosen else None for layer in range(num_layers)]
+        raise ValueError(
+            f"{FACTOR_FLAG} is the keep ratio of {SCHEDULE_FLAG} {spec!r} and must be in (0, 1], got {factor}"
+        )
+    layers = {
+        "deep_all": range(2, num_layers - 1),
+        "deep_all_include_last": range(2, num_layers),
+        "interleave": range(1, num_layers, 2),
+        "constant": range(num_layers),
+    }[spec]
+    return [factor if layer in layers else None for layer in range(num_layers)]
 
 
 def _stepped_ratios(spec: str, values: str, num_layers: int):

@@ -77,7 +77,7 @@ class WeightNorm:
 
 
 def parse_weight_norm(spec: str | None) -> WeightNorm:
-    """Parse ``--mod_weight_norm``: ``<name>_<scale>_<bias>`` (e.g. ``tanh_0.2_1``) or a plain name (scale 1, bias 1)."""
+    """Parse ``--mod_weight_norm``: ``<name>_<scale>_<bias>`` or a plain name (scale 1, bias 1)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(
             f"{WEIGHT_NORM_FLAG} is required when p-MoD is enabled (e.g. {DEFAULT_WEIGHT_NORM!r}), got {spec!r}"
