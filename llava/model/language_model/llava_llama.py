@@ -1,0 +1,109 @@
+"""Dense LLaVA on Llama (model_type ``llava_llama``): the stock transformers Llama plus LLaVA's glue."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel, MultimodalInputs
+
+
+class LlavaConfig(LlamaConfig):
+    model_type = "llava_llama"
+
+
+class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
+    config_class = LlavaConfig
+
+
+def positions_from_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Position ids of the last `query_length` tokens: count of real tokens before each (left padding safe)."""
+    positions = attention_mask.long().cumsum(dim=-1) - 1
+    return positions.clamp(min=0)[:, -query_length:]
+
+
+def build_causal_lm(head: LlamaForCausalLM, config, model_class) -> None:
+    """LlamaForCausalLM's construction with our model class, without first building a stock LlamaModel."""
+    LlamaPreTrainedModel.__init__(head, config)
+    head.model = model_class(config)
+    head.vocab_size = config.vocab_size
+    head.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    head.post_init()
+
+
+class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
+    """forward/generate that accept ``images`` and ``image_sizes`` next to ``input_ids`` (LLaVA's interface)."""
+
+    def routing_inputs(self, prepared: MultimodalInputs) -> dict:
+        """Extra forward kwargs derived from prepared inputs; p-MoD passes its routing targets here."""
+        return {}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        images=None,
+        image_sizes=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        if inputs_embeds is None and images is not None:
+            prepared = self.prepare_multimodal_inputs(input_ids, attention_mask, labels, images, image_sizes)
+            input_ids, inputs_embeds = None, prepared.inputs_embeds
+            attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
+            kwargs.update(self.routing_inputs(prepared))
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = positions_from_mask(attention_mask, length)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def generation_inputs(self, prepared: MultimodalInputs) -> dict:
+        """Model kwargs for ``generate`` from prepared multimodal inputs."""
+        return {"inputs_embeds": prepared.inputs_embeds, "attention_mask": prepared.attention_mask}
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs):
+        """Generate from ``input_ids`` with image tokens; returns only the new tokens when images are given.
+
+        Prompts of a batch are left-padded after image expansion, so batched generation is correct whatever
+        padding the caller used.
+        """
+        if "inputs_embeds" in kwargs:
+            raise NotImplementedError("pass input_ids with image tokens and images=..., not inputs_embeds")
+        attention_mask = kwargs.pop("attention_mask", None)
+        kwargs.pop("position_ids", None)
+        if images is None:
+            return super().generate(inputs, attention_mask=attention_mask, **kwargs)
+        prepared = self.prepare_multimodal_inputs(inputs, attention_mask, None, images, image_sizes, padding_side="left")
+        return super().generate(**self.generation_inputs(prepared), **kwargs)
+
+
+class LlavaLlamaForCausalLM(LlavaForCausalLMMixin, LlamaForCausalLM):
+    config_class = LlavaConfig
+
+    def __init__(self, config):
+        build_causal_lm(self, config, LlavaLlamaModel)
+
+    def get_model(self):
+        return self.model
+
+
+AutoConfig.register("llava_llama", LlavaConfig)
+AutoModelForCausalLM.register(LlavaConfig, LlavaLlamaForCausalLM)

@@ -1,0 +1,95 @@
+"""A p-MoD decoder layer: a stock transformers decoder layer plus a router, run on each sample's kept tokens.
+
+The wrapped layer's own sub-modules (input_layernorm, self_attn, post_attention_layernorm, mlp) are called on
+the compact sequence of kept tokens, so attention back-ends, caches and kernels stay transformers' own.
+Per-token update (the official math, "STRing" reweighting with w = norm(router logit)):
+
+    kept vision token      y = x + Attn(x) + w * MLP(x + Attn(x))
+    kept text token        y = x + Attn(x) + MLP(x + Attn(x))
+    skipped vision token   y = w * x
+    padding                y = x
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from pmod.routing import LayerPlan, TokenRouter, gather_tokens, select_tokens
+from pmod.weight_norm import WeightNorm
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """Inputs a p-MoD layer needs to route one batch (built by the model once per layer)."""
+
+    plan: LayerPlan
+    target_mask: torch.Tensor  # [B, L] bool
+    valid_mask: torch.Tensor  # [B, L] bool
+    compact_attention_mask: torch.Tensor | None  # mask for the compact sequence, in the back-end's format
+
+
+class PmodDecoderLayer(GradientCheckpointingLayer):
+    """Routes vision tokens around a wrapped decoder layer; without routing it is the wrapped layer."""
+
+    def __init__(self, decoder_layer: nn.Module, router: TokenRouter, weight_norm: WeightNorm):
+        super().__init__()
+        self.decoder_layer = decoder_layer
+        self.router = router
+        self.weight_norm = weight_norm
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        routing: LayerRouting | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        if routing is None:
+            return self.decoder_layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return self._routed_forward(hidden_states, routing, position_embeddings, past_key_values, use_cache, **kwargs)
+
+    def _routed_forward(self, hidden_states, routing, position_embeddings, past_key_values, use_cache, **kwargs):
+        layer = self.decoder_layer
+        logits = self.router(hidden_states)
+        weights = self.weight_norm(logits, routing.target_mask)
+        selection = select_tokens(logits, routing.target_mask, routing.valid_mask, routing.plan)
+
+        compact = gather_tokens(hidden_states, selection.compact_index)
+        cos, sin = position_embeddings
+        compact_rope = (gather_tokens(cos, selection.compact_index), gather_tokens(sin, selection.compact_index))
+        attn_out, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(compact),
+            attention_mask=routing.compact_attention_mask,
+            position_embeddings=compact_rope,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        residual = compact + attn_out
+        mlp_out = layer.mlp(layer.post_attention_layernorm(residual))
+
+        dtype = hidden_states.dtype
+        one = weights.new_ones(())
+        mlp_scale = torch.where(routing.target_mask, weights, one).to(dtype)
+        compact_mlp_scale = gather_tokens(mlp_scale, selection.compact_index)
+        compact_out = residual + mlp_out * compact_mlp_scale.unsqueeze(-1)
+
+        processed = gather_tokens(compact_out, selection.full_to_compact)
+        skipped = hidden_states * mlp_scale.unsqueeze(-1)
+        return torch.where(selection.kept.unsqueeze(-1), processed, skipped)
