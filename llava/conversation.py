@@ -34,25 +34,26 @@ class Conversation:
         self.messages.append([role, text])
 
     def render(self) -> Tuple[str, List[Tuple[int, int]]]:
-        """The prompt, and for every non-empty reply (odd position) its [start, end) character span
-        including the separator that closes it (`</s>` for TWO): exactly the text a model is trained to emit."""
+        """The prompt, and for every non-empty reply (odd position) the [start, end) character span of what a
+        model generates after the inference prompt `...ROLE:`: the space, the reply, and its closing separator
+        (`</s>` for TWO)."""
         seps = (self.sep, self.sep2 if self.sep2 is not None else self.sep)
         if self.sep_style is SeparatorStyle.TWO:
-            parts, prefix = [self.system + seps[0]], "{role}: "
+            parts, two = [self.system + seps[0]], True
         elif self.sep_style is SeparatorStyle.PLAIN:
-            parts, prefix = [self.system], ""
+            parts, two = [self.system], False
         else:
             raise ValueError(f"unsupported separator style {self.sep_style}")
         reply_spans = []
         length = len(parts[0])
         for i, (role, text) in enumerate(self.messages):
+            generation_prompt = f"{role}:" if two else ""
             if text:
-                head = prefix.format(role=role)
-                piece = head + text + seps[i % 2]
+                piece = generation_prompt + (" " if two else "") + text + seps[i % 2]
                 if i % 2 == 1:
-                    reply_spans.append((length + len(head), length + len(piece)))
+                    reply_spans.append((length + len(generation_prompt), length + len(piece)))
             else:
-                piece = f"{role}:" if self.sep_style is SeparatorStyle.TWO else ""
+                piece = generation_prompt
             parts.append(piece)
             length += len(piece)
         return "".join(parts), reply_spans

@@ -22,7 +22,8 @@ _NEXT_GRIDS = {
 }
 
 
-def _adds_bos(tokenizer) -> bool:
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether plain `tokenizer(text)` starts with BOS (Llama/Vicuna: yes); decides the single leading BOS."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
@@ -33,7 +34,7 @@ def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX
     Like LLaVA, the sequence starts with one BOS when the tokenizer adds one, and nothing else is added.
     """
     pieces = [tokenizer(chunk, add_special_tokens=False).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
-    input_ids = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    input_ids = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
     for i, piece in enumerate(pieces):
         if i:
             input_ids.append(image_token_index)

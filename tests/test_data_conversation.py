@@ -16,7 +16,7 @@ def test_vicuna_v1_training_string_and_reply_spans():
         conv.append_message(conv.roles[role], text)
     prompt, spans = conv.render()
     assert prompt == f"{VICUNA_SYSTEM} USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>"
-    assert [prompt[s:e] for s, e in spans] == ["a1</s>", "a2</s>"]
+    assert [prompt[s:e] for s, e in spans] == [" a1</s>", " a2</s>"]
     assert conv.get_prompt() == prompt
 
 
