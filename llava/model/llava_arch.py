@@ -33,7 +33,8 @@ class LlavaMetaModel:
     def __init__(self, config):
         super().__init__(config)
         if getattr(config, "mm_vision_tower", None):
-            self.vision_tower = build_vision_tower(config, delay_load=True)
+            checkpoint = Path(getattr(config, "_name_or_path", "") or ".")
+            self.vision_tower = build_vision_tower(config, delay_load=True, search_dirs=(checkpoint, checkpoint.parent))
             self.mm_projector = build_vision_projector(config)
             if "unpad" in (getattr(config, "mm_patch_merge_type", None) or "flat"):
                 self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
