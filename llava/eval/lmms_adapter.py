@@ -1,0 +1,313 @@
+"""lmms-eval model `pmod_llava`: p-MoD and dense LLaVA checkpoints of this package, as a *simple* lmms-eval model.
+
+Differences from lmms-eval's built-in `llava` adapter, on purpose:
+- each request of a batch resolves its own task, split and document (the built-in one uses the first's);
+- batches are left padded with an attention mask, so batch size does not change greedy answers;
+- `until` stop strings are applied, and non-`generate()` kwargs never reach `generate()`;
+- `loglikelihood` returns the log-probability of the continuation (not the loss) and its is-greedy flag;
+- `clean()` keeps the model, so one adapter can evaluate a model during training again and again;
+- optional per-sample efficiency records (prompt, vision and kept tokens, TFLOPs, KV cache).
+
+lmms-eval is imported here only; the rest of the package does not need it.
+"""
+
+import contextlib
+import gc
+import logging
+from datetime import timedelta
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.eval.batching import kwargs_key, plan_batches, restore_order
+from llava.eval.efficiency import EfficiencyLog, capture_token_counts, kept_vision_per_layer
+from llava.eval.generation import plan_generation, truncate_at_stop_strings
+from llava.eval.prompting import build_prompt
+from llava.mm_utils import process_images, tokenizer_image_token
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(dtype: Any) -> Optional[torch.dtype]:
+    """`dtype=` model argument -> torch dtype; None or "auto" leaves the choice to the loader."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() == "auto":
+        return None
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"pmod_llava: dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
+
+
+def _default_device(device: Optional[str]) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class PmodLlava(lmms):
+    """A LLaVA / p-MoD LLaVA checkpoint (or an already-built model) behind lmms-eval's simple-model API.
+
+    Model arguments (`--model_args k=v,...`): `pretrained` (checkpoint folder), `model_base`,
+    `model_name`, `conv_template` (default vicuna_v1), `device`, `batch_size`, `attn_implementation`
+    (default sdpa), `dtype` (auto, float16, bfloat16, float32), `log_efficiency` (write per-sample
+    efficiency records), `efficiency_dir` (where; default: kept in memory only).
+    For evaluation during training pass `model`, `tokenizer` and `image_processor` instead of `pretrained`.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: Optional[str] = None,
+        conv_template: str = "vicuna_v1",
+        device: Optional[str] = None,
+        batch_size: Any = 1,
+        attn_implementation: Optional[str] = "sdpa",
+        dtype: Any = None,
+        model_base: Optional[str] = None,
+        model_name: Optional[str] = None,
+        log_efficiency: bool = False,
+        efficiency_dir: Optional[str] = None,
+        max_batch_size: Optional[int] = None,
+        model: Optional[torch.nn.Module] = None,
+        tokenizer: Any = None,
+        image_processor: Any = None,
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise TypeError(f"pmod_llava: unknown model argument(s) {sorted(unknown)}; see the PmodLlava docstring")
+        try:
+            self.batch_size_per_gpu = int(batch_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"pmod_llava: batch_size must be an integer, got {batch_size!r} ('auto' is not supported)") from None
+        if self.batch_size_per_gpu < 1:
+            raise ValueError(f"pmod_llava: batch_size must be >= 1, got {self.batch_size_per_gpu}")
+        self.conv_template = str(conv_template)
+
+        if model is not None:
+            self._adopt_built_model(model, tokenizer, image_processor)
+        elif pretrained is None:
+            raise ValueError("pmod_llava: pass pretrained=<checkpoint folder> (or model/tokenizer/image_processor)")
+        else:
+            self._load(str(pretrained), model_base, model_name, device, attn_implementation, parse_dtype(dtype))
+
+        self._tokenizer.padding_side = "left"
+        self._pad_token_id = (self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None
+                              else self._tokenizer.eos_token_id)
+        self.efficiency = (EfficiencyLog(self._model.config, efficiency_dir, self._rank, self._model.dtype)
+                           if log_efficiency else None)
+
+    def _load(self, pretrained, model_base, model_name, device, attn_implementation, dtype) -> None:
+        from accelerate import Accelerator, InitProcessGroupKwargs
+
+        from llava.model.builder import load_pretrained_model
+
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
+        self.accelerator = accelerator
+        if accelerator.num_processes > 1:
+            self._device = accelerator.device
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+        else:
+            self._device = _default_device(device)
+        self._tokenizer, model, self._image_processor, self._max_length = load_pretrained_model(
+            pretrained, model_base, model_name, device=str(self._device), dtype=dtype,
+            attn_implementation=attn_implementation)
+        self._model = model.to(self._device).eval()
+        logger.info("pmod_llava: %s on %s (rank %d of %d)", pretrained, self._device, self._rank, self._world_size)
+
+    def _adopt_built_model(self, model, tokenizer, image_processor) -> None:
+        if tokenizer is None or image_processor is None:
+            raise ValueError("pmod_llava: a built `model` needs its `tokenizer` and `image_processor` too")
+        model = getattr(model, "module", model)
+        self._model = model
+        self._tokenizer = tokenizer
+        self._image_processor = image_processor
+        self._max_length = getattr(model.config, "tokenizer_model_max_length", None) or 2048
+        self._device = next(model.parameters()).device
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._rank = torch.distributed.get_rank()
+            self._world_size = torch.distributed.get_world_size()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def config(self):
+        return self._model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def clean(self) -> None:
+        """Free cached memory but keep the model (lmms-eval's default deletes every nn.Module attribute)."""
+        if self.efficiency is not None:
+            self.efficiency.flush()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _doc(self, task: str, split: str, doc_id: int):
+        try:
+            return self.task_dict[task][split][doc_id]
+        except (KeyError, IndexError) as error:
+            raise KeyError(f"pmod_llava: no document {doc_id} in task {task!r} split {split!r} "
+                           "(lm.task_dict must be filled by lmms-eval)") from error
+
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        if doc_to_visual is None:
+            return []
+        visuals = doc_to_visual(self._doc(task, split, doc_id)) or []
+        for visual in visuals:
+            if not hasattr(visual, "size") or not hasattr(visual, "convert"):
+                raise TypeError(f"pmod_llava: task {task!r} doc {doc_id} gave a {type(visual).__name__} visual; "
+                                "only images (PIL) are supported")
+        return [visual.convert("RGB") for visual in visuals]
+
+    def _image_inputs(self, visuals: Sequence) -> Tuple[Any, Optional[List[Tuple[int, int]]]]:
+        """Processed images (per the checkpoint's pad/anyres setting) in the model's dtype, and their (w, h)."""
+        if not visuals:
+            return None, None
+        images = process_images(list(visuals), self._image_processor, self._model.config)
+        dtype = self._model.dtype
+        if isinstance(images, (list, tuple)):
+            images = [image.to(device=self.device, dtype=dtype) for image in images]
+        else:
+            images = images.to(device=self.device, dtype=dtype)
+        return images, [visual.size for visual in visuals]
+
+    def _prompt_ids(self, context: str, num_images: int) -> List[int]:
+        prompt = build_prompt(context, num_images, self.conv_template)
+        return list(tokenizer_image_token(prompt, self._tokenizer, IMAGE_TOKEN_INDEX))
+
+    def _left_pad(self, sequences: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(sequences), width), self._pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def _generated_length(self, tokens: List[int]) -> int:
+        eos = self._tokenizer.eos_token_id
+        return tokens.index(eos) + 1 if eos in tokens else len(tokens)
+
+    def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
+        prepared = []
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            prepared.append({"ids": self._prompt_ids(context, len(visuals)), "visuals": visuals,
+                             "gen_kwargs": gen_kwargs, "task": task, "split": split, "doc_id": doc_id})
+        batches = list(plan_batches(
+            prepared, self.batch_size,
+            group_key=lambda item: (kwargs_key(item["gen_kwargs"]), bool(item["visuals"])),
+            length=lambda item: len(item["ids"])))
+        answered = []
+        for batch in tqdm(batches, disable=self.rank != 0, desc="pmod_llava generate"):
+            items = [item for _, item in batch]
+            answers = self._generate_batch(items)
+            answered.extend(zip([index for index, _ in batch], answers))
+        return restore_order(len(requests), answered)
+
+    @torch.inference_mode()
+    def _generate_batch(self, items: List[Dict[str, Any]]) -> List[GenerationResult]:
+        plan = plan_generation(items[0]["gen_kwargs"])
+        input_ids, attention_mask = self._left_pad([item["ids"] for item in items])
+        images, image_sizes = self._image_inputs([visual for item in items for visual in item["visuals"]])
+        with contextlib.ExitStack() as stack:
+            counts = stack.enter_context(capture_token_counts(self._model)) if self.efficiency is not None else None
+            output = self._model.generate(
+                input_ids, attention_mask=attention_mask, images=images, image_sizes=image_sizes,
+                pad_token_id=self._pad_token_id, use_cache=True, **plan.generate_kwargs)
+        rows = output.tolist()
+        if counts:
+            self._log_efficiency(items, rows, counts[0])
+        results = []
+        for item, tokens in zip(items, rows):
+            text = self._tokenizer.decode(tokens, skip_special_tokens=True)
+            text = truncate_at_stop_strings(text, plan.stop_strings)
+            counts_of_sample = TokenCounts(input_tokens=len(item["ids"]), output_tokens=self._generated_length(tokens))
+            results.append(GenerationResult(text=text, token_counts=counts_of_sample))
+        return results
+
+    def _log_efficiency(self, items, rows, token_counts) -> None:
+        """One record per sample from the prefill's token counts (`n_valid` = expanded prompt length)."""
+        for sample, (item, tokens) in enumerate(zip(items, rows)):
+            n_vision = token_counts.n_target[sample]
+            self.efficiency.record(
+                task=item["task"], split=item["split"], doc_id=item["doc_id"], prompt_tokens=len(item["ids"]),
+                text_tokens=token_counts.n_valid[sample] - n_vision, vision_tokens=n_vision,
+                kept_vision=kept_vision_per_layer(self._model, sample, n_vision, self.efficiency.schedule),
+                generated_tokens=self._generated_length(tokens))
+        self.efficiency.flush()
+
+    def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="pmod_llava loglikelihood"):
+            context, target, doc_to_visual, doc_id, task, split = request.args
+            continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+            if isinstance(continuation, (list, tuple)):
+                continuation = continuation[0]
+            if not continuation:
+                raise ValueError(f"pmod_llava: empty continuation for task {task!r} doc {doc_id}")
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            results.append(self._continuation_logprob(context, str(continuation), visuals))
+        return results
+
+    def _split_continuation(self, context: str, continuation: str, num_images: int) -> Tuple[List[int], List[int]]:
+        """Token ids of the prompt and of the continuation, tokenized together as the model would see them."""
+        prompt = build_prompt(context, num_images, self.conv_template)
+        context_ids = list(tokenizer_image_token(prompt, self._tokenizer, IMAGE_TOKEN_INDEX))
+        whole_ids = list(tokenizer_image_token(prompt + continuation, self._tokenizer, IMAGE_TOKEN_INDEX))
+        if whole_ids[:len(context_ids)] == context_ids and len(whole_ids) > len(context_ids):
+            return context_ids, whole_ids[len(context_ids):]
+        return context_ids, list(self._tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def _continuation_logprob(self, context: str, continuation: str, visuals: Sequence) -> Tuple[float, bool]:
+        context_ids, continuation_ids = self._split_continuation(context, continuation, len(visuals))
+        input_ids = torch.tensor([context_ids + continuation_ids], dtype=torch.long, device=self.device)
+        images, image_sizes = self._image_inputs(visuals)
+        logits = self._model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             images=images, image_sizes=image_sizes).logits[0]
+        # The continuation is plain text at the end of the (image-expanded) sequence: the last
+        # len(continuation) tokens are predicted by the positions just before them.
+        count = len(continuation_ids)
+        logprobs = torch.log_softmax(logits[-count - 1:-1].float(), dim=-1)
+        targets = torch.tensor(continuation_ids, device=logprobs.device)
+        total = logprobs.gather(-1, targets[:, None]).sum().item()
+        greedy = bool((logprobs.argmax(dim=-1) == targets).all().item())
+        return float(total), greedy
+
+    def generate_until_multi_round(self, requests) -> List[str]:
+        raise NotImplementedError("pmod_llava does not implement multi-round generation; none of the paper's "
+                                  "14 benchmarks needs it")
