@@ -65,7 +65,7 @@ _CORPUS_LINES = [
 ]
 
 
-def _corpus():
+def training_corpus():
     """The training text, repeated so that frequent template words win merges over rare ones."""
     return [line for line in _CORPUS_LINES for _ in range(3)]
 
@@ -81,7 +81,7 @@ def build_tiny_tokenizer(out_dir: str) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(training_corpus(), trainer=trainer)
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",

@@ -1,17 +1,32 @@
 """Label masks: the loss covers exactly each assistant reply and its end token, for both templates."""
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.mm_utils import tokenizer_image_token
-from llava.tiny_models import build_tiny_tokenizer
+from llava.tiny_models import build_tiny_tokenizer, training_corpus
 from llava.train.preprocess import move_image_tag_to_front, preprocess
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return build_tiny_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_style_tokenizer():
+    """Llama-like pieces: "▁" marks spaces and can be a token of its own (e.g. before digits or rare words)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(training_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>")
 
 
 def human(text):
@@ -53,6 +68,23 @@ def test_vicuna_multi_turn_image_first(tokenizer):
     assert (sample["input_ids"] == IMAGE_TOKEN_INDEX).sum() == 1
     assert sample["labels"][sample["input_ids"] == IMAGE_TOKEN_INDEX].item() == IGNORE_INDEX
     assert sample["labels"][sample["input_ids"] == tokenizer.eos_token_id].tolist() == [tokenizer.eos_token_id] * 2
+
+
+def test_sentencepiece_style_tokenizer_supervises_the_space_piece(sentencepiece_style_tokenizer):
+    tok = sentencepiece_style_tokenizer
+    turns = [human("<image>\nHow many?"), gpt("2"), human("Colour?"), gpt("Red and blue.")]
+    sample = preprocess(turns, tok, "vicuna_v1", has_image=True)
+    assert sample["input_ids"].tolist() == rendered_ids(turns, tok)
+    pieces, runs = [], []
+    for token, label in zip(sample["input_ids"].tolist(), sample["labels"].tolist()):
+        if label != IGNORE_INDEX:
+            pieces.append(tok.convert_ids_to_tokens(token))
+        elif pieces:
+            runs.append("".join(pieces).replace("\u2581", " "))
+            pieces = []
+    runs.append("".join(pieces).replace("\u2581", " "))
+    assert runs == [" 2</s>", " Red and blue.</s>"]
+    assert "\u2581" in tok.convert_ids_to_tokens(sample["input_ids"][sample["labels"] != IGNORE_INDEX].tolist())
 
 
 def test_vicuna_image_tag_after_text_is_moved_to_front(tokenizer):

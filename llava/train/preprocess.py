@@ -36,7 +36,9 @@ def check_turns(conversations: Sequence[dict]) -> List[dict]:
     for j, turn in enumerate(turns):
         expected = HUMAN if j % 2 == 0 else GPT
         if turn["from"] != expected:
-            raise ValueError(f"turns must alternate human/gpt; turn {j} is from {turn['from']!r}, expected {expected!r}")
+            raise ValueError(
+                f"turns must alternate human/gpt; turn {j} is from {turn['from']!r}, expected {expected!r}"
+            )
         if expected == GPT and not turn["value"].strip():
             raise ValueError(f"turn {j} is an empty gpt reply")
         if expected == GPT and DEFAULT_IMAGE_TOKEN in turn["value"]:
@@ -97,7 +99,9 @@ def _tokenize_with_labels(prompt: str, spans: List[Tuple[int, int]], tokenizer) 
     return input_ids, labels
 
 
-def preprocess(conversations: Sequence[dict], tokenizer, template_name: str, has_image: bool) -> Dict[str, torch.Tensor]:
+def preprocess(
+    conversations: Sequence[dict], tokenizer, template_name: str, has_image: bool
+) -> Dict[str, torch.Tensor]:
     """dict(input_ids, labels) as 1-D LongTensors; labels are IGNORE_INDEX except each reply and its end token.
 
     With `has_image`, exactly one `<image>` tag must be present and becomes one IMAGE_TOKEN_INDEX; without it,
@@ -108,7 +112,9 @@ def preprocess(conversations: Sequence[dict], tokenizer, template_name: str, has
     turns = check_turns(list(conversations))
     tags = count_image_tags(turns)
     if has_image and tags != 1:
-        raise ValueError(f"an image sample needs exactly one {DEFAULT_IMAGE_TOKEN} tag in its human turns, found {tags}")
+        raise ValueError(
+            f"an image sample needs exactly one {DEFAULT_IMAGE_TOKEN} tag in its human turns, found {tags}"
+        )
     if not has_image and tags:
         raise ValueError(f"a text-only sample holds {tags} {DEFAULT_IMAGE_TOKEN} tag(s) but has no image")
     if has_image:
