@@ -92,6 +92,11 @@ def load_results(output_dir: str) -> Dict[str, Dict[str, object]]:
     return merged
 
 
+def _metric_label(key: str) -> str:
+    """`exact_match,none` -> `exact_match`; a real filter stays (`exact_match,flexible-extract`)."""
+    return key[: -len(",none")] if key.endswith(",none") else key
+
+
 def _numeric_metrics(metrics: Dict[str, object]) -> List[Tuple[str, float]]:
     return [(key, float(value)) for key, value in metrics.items()
             if "_stderr" not in key and key != "alias" and isinstance(value, (int, float))
@@ -110,7 +115,7 @@ def paper_rows(results: Dict[str, Dict[str, object]]) -> Tuple[List[Row], Dict[s
         if len(values) != len(benchmark.tasks):
             continue
         value = sum(values) / len(values) * benchmark.scale
-        rows.append(Row(benchmark.label, benchmark.metric.split(",")[0], value))
+        rows.append(Row(benchmark.label, _metric_label(benchmark.metric), value))
         for_average[benchmark.label] = benchmark.average_unit(value)
     return rows, for_average
 
@@ -128,7 +133,7 @@ def other_rows(results: Dict[str, Dict[str, object]]) -> List[Row]:
     for task in sorted(results):
         if task in known:
             continue
-        rows.extend(Row(task, key, value) for key, value in _numeric_metrics(results[task]))
+        rows.extend(Row(task, _metric_label(key), value) for key, value in _numeric_metrics(results[task]))
     return rows
 
 
