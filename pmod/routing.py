@@ -22,10 +22,16 @@ class TokenRouter(nn.Module):
     def __init__(self, hidden_size: int, bias: bool, zero_init: bool):
         super().__init__()
         self.router = nn.Linear(hidden_size, 1, bias=bias)
+        self.router.pmod_zero_init = zero_init  # read by the model's weight initialisation
         if zero_init:
-            nn.init.zeros_(self.router.weight)
-            if bias:
-                nn.init.zeros_(self.router.bias)
+            self.reset_to_zero()
+
+    def reset_to_zero(self) -> None:
+        """Logit 0 for every token: w = 1 under TanhNorm, so training starts from the dense layer's output."""
+        with torch.no_grad():
+            self.router.weight.zero_()
+            if self.router.bias is not None:
+                self.router.bias.zero_()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.router(hidden_states).squeeze(-1)

@@ -78,6 +78,15 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         if getattr(config, "mod_target_layers", None) is not None:
             self._wrap_mod_layers()
 
+    def _init_weights(self, module):
+        """Honour ``mod_special_init`` (zero routers) also for models built from a config."""
+        super()._init_weights(module)
+        if getattr(module, "pmod_zero_init", False):
+            with torch.no_grad():
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+
     def initialize_mod_modules(self, model_args) -> None:
         """Training entry: copy the ``--mod_*`` flags into the config and wrap the scheduled layers."""
         if self.schedule is not None:
