@@ -8,7 +8,7 @@ set -euo pipefail
 
 MODEL=${MODEL:-lmsys/vicuna-7b-v1.5}
 VISION_TOWER=${VISION_TOWER:-openai/clip-vit-large-patch14-336}
-PRETRAIN_ADAPTER=${PRETRAIN_ADAPTER:-./checkpoints/llava-v1.5-7b-pretrain/mm_projector.bin}
+PRETRAIN_ADAPTER=${PRETRAIN_ADAPTER-./checkpoints/llava-v1.5-7b-pretrain/mm_projector.bin}
 DATA_PATH=${DATA_PATH:-./playground/data/llava_v1_5_mix665k.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-./playground/data}
 OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/pmod-llava-v1.5-7b}
@@ -74,4 +74,5 @@ launch_train \
     --dataloader_num_workers "$NUM_WORKERS" \
     --lazy_preprocess True \
     --report_to "$REPORT_TO" \
+    --attn_implementation "${ATTN_IMPL:-auto}" \
     "$@"

@@ -56,4 +56,5 @@ launch_train \
     --dataloader_num_workers "$NUM_WORKERS" \
     --lazy_preprocess True \
     --report_to "$REPORT_TO" \
+    --attn_implementation "${ATTN_IMPL:-auto}" \
     "$@"
