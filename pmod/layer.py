@@ -12,6 +12,7 @@ Per-token update (the official math, "STRing" reweighting with w = norm(router l
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pmod.routing import LayerPlan, TokenRouter, gather_tokens, select_tokens
 from pmod.weight_norm import WeightNorm
+
+
+def finite_checks_enabled() -> bool:
+    """Opt-in debug check (``PMOD_CHECK_FINITE=1``): it synchronises with the host, so it is off by default."""
+    return os.environ.get("PMOD_CHECK_FINITE", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -92,4 +98,9 @@ class PmodDecoderLayer(GradientCheckpointingLayer):
 
         processed = gather_tokens(compact_out, selection.full_to_compact)
         skipped = hidden_states * mlp_scale.unsqueeze(-1)
-        return torch.where(selection.kept.unsqueeze(-1), processed, skipped)
+        output = torch.where(selection.kept.unsqueeze(-1), processed, skipped)
+        if finite_checks_enabled() and not torch.isfinite(output).all():
+            raise FloatingPointError(
+                f"p-MoD layer {layer.self_attn.layer_idx} produced NaN/Inf (dtype {dtype}); try float32 or bfloat16"
+            )
+        return output

@@ -289,3 +289,16 @@ def test_routed_layer_needs_no_host_synchronisation():
                            torch.empty(2, 14, dtype=torch.bool, device="meta"), None)
     output = layer(hidden, routing=routing, position_embeddings=(cos, cos))
     assert output.shape == (2, 14, 64) and output.device.type == "meta"
+
+
+def test_opt_in_finite_check_names_the_layer(monkeypatch):
+    model = build_pmod(None, num_layers=6)
+    embeds = torch.randn(1, 10, 64)
+    embeds[0, 5] = float("nan")
+    targets = torch.zeros(1, 10, dtype=torch.bool)
+    targets[0, 2:8] = True
+    with torch.no_grad():
+        model(inputs_embeds=embeds, mod_target_mask=targets, use_cache=False)  # off by default: no check
+        monkeypatch.setenv("PMOD_CHECK_FINITE", "1")
+        with pytest.raises(FloatingPointError, match=f"p-MoD layer {model.model.schedule.mod_layers[0]} "):
+            model(inputs_embeds=embeds, mod_target_mask=targets, use_cache=False)
