@@ -66,7 +66,7 @@ launch_train \
     --save_total_limit 1 \
     --learning_rate "$LR" \
     --weight_decay 0. \
-    --warmup_ratio 0.03 \
+    --warmup_steps 0.03 \
     --lr_scheduler_type cosine \
     --logging_steps 1 \
     --model_max_length "$MODEL_MAX_LENGTH" \

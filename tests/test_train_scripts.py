@@ -67,7 +67,10 @@ def test_finetune_pmod_script_trains_routers_and_reloads(tiny_models, tiny_datas
     weights = load_file(output_dir / "model.safetensors")
     routers = {k: v for k, v in weights.items() if ".router.router." in k}
     assert routers and all(k.startswith("model.layers.") for k in routers)
-    assert all(torch.count_nonzero(v) > 0 for v in routers.values()), "zero-initialised routers must train"
+    last = f"model.layers.{config['num_hidden_layers'] - 1}."
+    # The last layer's vision tokens feed no later token, so the text loss gives its router no gradient.
+    trained = {k: v for k, v in routers.items() if not k.startswith(last)}
+    assert trained and all(torch.count_nonzero(v) > 0 for v in trained.values()), "zero-initialised routers must train"
     assert any(k.endswith(".decoder_layer.mlp.up_proj.weight") for k in weights)
 
     model, output = generate_once(output_dir)

@@ -189,6 +189,11 @@ def resolve_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
+def uses_activation_checkpointing(training_args: TrainingArguments) -> bool:
+    """transformers 5.x renamed --gradient_checkpointing to --activation_checkpointing; accept either."""
+    return bool(getattr(training_args, "activation_checkpointing", None) or training_args.gradient_checkpointing)
+
+
 def compute_dtype_of(training_args: TrainingArguments) -> torch.dtype:
     if training_args.bf16:
         return torch.bfloat16
@@ -245,7 +250,7 @@ def build_model(model_args, data_args, training_args, compute_dtype):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=training_args.gradient_checkpointing
+            model, use_gradient_checkpointing=uses_activation_checkpointing(training_args)
         )
     if model_args.vision_tower:
         model.get_model().initialize_vision_modules(model_args)
@@ -296,7 +301,7 @@ def configure_trainable(model, model_args: ModelArguments, training_args: Traini
         if training_args.freeze_mm_mlp_adapter:
             projector.requires_grad_(False)
         model.get_vision_tower().requires_grad_(False)
-    if training_args.gradient_checkpointing:
+    if uses_activation_checkpointing(training_args):
         model.enable_input_require_grads()
 
 
