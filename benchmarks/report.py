@@ -1,0 +1,91 @@
+"""The benchmark result as JSON and as a markdown report (command, environment, shapes, tables)."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import transformers
+
+
+def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {
+        "device": str(device), "device_name": name, "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "cpu_threads": threads,
+    }
+
+
+def _number(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if value != value:
+            return "n/a"
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_number(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    env, shapes = result["environment"], result["shapes"]
+    lines = [
+        f"### {result['preset']} on {env['device']} ({env['device_name']}), {env['dtype']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, "
+        f"CPU threads {env['cpu_threads']}; warm-up {result['settings']['warmup']}, "
+        f"median of {result['settings']['repeats']} repeats.",
+        "",
+        f"Shapes: LLM {shapes['llm']}; vision tower {shapes['tower']}; {shapes['n_text']} text + "
+        f"{shapes['n_vision']} vision tokens ({shapes['n_tiles']} tile(s)); p-MoD schedule {shapes['schedule']}, "
+        f"beta {shapes['router_factor']} ({shapes['mod_layers']} p-MoD layers of {shapes['llm']['num_layers']}).",
+        "",
+    ]
+    if result.get("model"):
+        lines += _table(
+            ["measurement", "batch", "unit", "dense", "p-MoD", "p-MoD / dense", "predicted ratio", "predicted from"],
+            [[r["measurement"], r["batch"], r["unit"], r["dense"], r["pmod"], r["ratio"], r["predicted_ratio"],
+              r["predicted_kind"]] for r in result["model"]],
+        )
+        lines.append("")
+    if result.get("kv_per_layer"):
+        kv = result["kv_per_layer"]
+        exact = all(v["measured"] == v["predicted"] for v in kv.values())
+        lines.append(f"KV bytes per layer, measured from the returned cache == pmod.accounting: **{exact}** "
+                     f"(p-MoD per layer: {kv['pmod']['measured']}).")
+        lines.append("")
+    if result.get("layer_costs"):
+        lines.append("One p-MoD layer vs the same layer run densely (batch 1), by keep ratio:")
+        lines.append("")
+        lines += _table(
+            ["keep ratio", "kept tokens", "dense layer ms", "p-MoD layer ms", "routing-only ms", "p-MoD / dense",
+             "predicted (FLOPs)"],
+            [[r["keep_ratio"], r["kept_tokens"], r["dense_ms"], r["routed_ms"], r["routing_ms"], r["ratio"],
+              r["predicted_ratio"]] for r in result["layer_costs"]],
+        )
+        lines.append("")
+    if result.get("attention"):
+        att = result["attention"]
+        lines.append(f"Kept-token layout for one decoder layer, batch {att['batch']}, kept lengths {att['lengths']}:")
+        lines.append("")
+        lines += _table(
+            ["layout", "tokens computed", "ms", "vs padded", "predicted (FLOPs)", "max abs diff", "note"],
+            [[r["layout"], r["tokens_computed"], r["ms"], r["ratio_to_padded"], r["predicted_ratio"],
+              r["max_abs_diff"], r["note"]] for r in att["rows"]],
+        )
+        lines.append("")
+    if result.get("sync_check"):
+        lines.append(f"Sync check: {result['sync_check']}")
+        lines.append("")
+    return "\n".join(lines)

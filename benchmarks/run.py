@@ -1,0 +1,140 @@
+"""Command line: dense vs p-MoD in one process, as a markdown table and JSON.
+
+    python -m benchmarks.run --quick                                   # tiny shapes, CPU, a few seconds
+    python -m benchmarks.run --preset small-llava-next --device cpu    # CPU, small shapes
+    python -m benchmarks.run --preset llava-next-7b --device cuda --dtype bfloat16 --check-syncs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+PARTS = ("prefill", "full", "decode", "train", "kv", "layer", "attention")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv):
+    from benchmarks.models import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny with --quick, else small-llava-next")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 3 repeats, 4 decode tokens")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 2; 1 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed calls, median reported (default 5; 3 with --quick)")
+    parser.add_argument("--decode-tokens", type=int, help="new tokens per decode run (default 32; 4 with --quick)")
+    parser.add_argument("--decode-batches", default="1,8", help="comma-separated decode batch sizes")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: stable on a shared machine; GPU runs ignore it)")
+    parser.add_argument("--check-syncs", action="store_true",
+                        help="also run the p-MoD prefill's layer loop under torch.cuda.set_sync_debug_mode('error')")
+    parser.add_argument("--json", type=Path, help="write the result as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the markdown report here")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.parts.split(",")) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    for flag in ("warmup", "repeats", "decode_tokens", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "warmup" else 1):
+            parser.error(f"--{flag.replace('_', '-')} must be {'>= 0' if flag == 'warmup' else '>= 1'}, got {value}")
+    try:
+        args.decode_batches = tuple(int(b) for b in args.decode_batches.split(","))
+    except ValueError:
+        parser.error(f"--decode-batches must be comma-separated integers, got {args.decode_batches!r}")
+    return args
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # shapes come from built-in configs; never reach the hub
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+
+    import torch
+
+    from benchmarks import attention, layer_costs, report, suite, syncs
+    from benchmarks.models import PRESETS, build_pair
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset or ("tiny" if args.quick else "small-llava-next")]
+    settings = suite.Settings(
+        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
+        repeats=args.repeats or (3 if args.quick else 5),
+        decode_tokens=args.decode_tokens or (4 if args.quick else 32),
+        decode_batches=args.decode_batches,
+    )
+    parts = set(args.parts.split(","))
+    logging.info("building %s on %s in %s", preset.name, device, dtype)
+    pair = build_pair(preset, device, dtype)
+    schedule = pair.pmod.get_model().schedule
+    result = {
+        "command": "python -m benchmarks.run " + shlex.join(argv),
+        "preset": preset.name,
+        "environment": report.environment(device, dtype, torch.get_num_threads()),
+        "settings": dataclasses.asdict(settings),
+        "shapes": {
+            "llm": dataclasses.asdict(preset.llm), "tower": dataclasses.asdict(preset.tower),
+            "n_text": preset.n_text, "n_vision": preset.n_vision, "n_tiles": preset.n_tiles,
+            "schedule": preset.schedule, "router_factor": preset.router_factor, "mod_layers": len(schedule.mod_layers),
+        },
+        "model": [],
+    }
+    rows = result["model"]
+    if "prefill" in parts:
+        logging.info("prefill, LLM only")
+        rows.append(suite.prefill_llm(pair, settings))
+    if "full" in parts:
+        logging.info("prefill, whole model")
+        rows.append(suite.prefill_full(pair, settings))
+    if "decode" in parts:
+        for batch in settings.decode_batches:
+            logging.info("decode, batch %d", batch)
+            rows.extend(suite.decode(pair, settings, batch))
+    if "train" in parts:
+        logging.info("training step")
+        rows.extend(suite.training_step(pair, settings))
+    if "kv" in parts:
+        logging.info("KV cache")
+        result["kv_per_layer"] = suite.kv_cache(pair)
+        rows.extend(suite.kv_rows(result["kv_per_layer"]))
+    result["model"] = [row.as_dict() for row in rows]
+    if "layer" in parts:
+        logging.info("layer cost vs kept tokens")
+        result["layer_costs"] = [r.as_dict() for r in layer_costs.layer_costs(pair, settings.warmup, settings.repeats)]
+    if "attention" in parts:
+        logging.info("padded vs packed layout")
+        batch = 8
+        result["attention"] = {
+            "batch": batch,
+            "lengths": attention.uneven_kept_lengths(preset.n_text, preset.n_vision, batch),
+            "rows": [r.as_dict() for r in attention.compare_layouts(pair, settings.warmup, settings.repeats, batch)],
+        }
+    if args.check_syncs:
+        logging.info("sync check")
+        result["sync_check"] = syncs.check_prefill_syncs(pair)
+
+    text = report.markdown(result)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Prove that the p-MoD prefill's layer loop never makes the host wait for the GPU.
+
+``torch.cuda.set_sync_debug_mode("error")`` turns every device-to-host synchronisation (``.item()``,
+``.tolist()``, ``nonzero``, boolean indexing, ``if tensor``) into an exception. It is switched on by a hook
+just before the first decoder layer and off just after the last, so input preparation (which may read
+per-sample counts once) is outside the check and everything between the layers (masks, plans, cache
+bookkeeping) is inside it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.models import ModelPair, llm_inputs
+from benchmarks.suite import new_cache
+
+
+def run_layer_loop_without_syncs(model, forward) -> None:
+    """Call ``forward()`` with sync debug mode "error" from the first decoder layer to the end of the last."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("--check-syncs needs a CUDA device (sync debug mode exists only for CUDA)")
+    layers = model.get_model().layers
+
+    def enter(*_):
+        torch.cuda.set_sync_debug_mode("error")
+
+    def leave(*_):
+        torch.cuda.set_sync_debug_mode(0)
+
+    handles = [layers[0].register_forward_pre_hook(enter), layers[-1].register_forward_hook(leave)]
+    try:
+        with torch.no_grad():
+            forward()
+        torch.cuda.synchronize()
+    finally:
+        leave()
+        for handle in handles:
+            handle.remove()
+
+
+def check_prefill_syncs(pair: ModelPair, batch: int = 2) -> dict:
+    """Routed prefill (with and without a cache) of the p-MoD model under the sync check; raises on a sync."""
+    if pair.device.type != "cuda":
+        raise RuntimeError(f"--check-syncs needs --device cuda, got {pair.device}")
+    inputs = llm_inputs(pair, batch)
+    model = pair.pmod
+    checked = []
+    for use_cache in (False, True):
+        cache = new_cache(model, is_pmod=True) if use_cache else None
+
+        def forward(cache=cache, use_cache=use_cache):
+            model(inputs_embeds=inputs.inputs_embeds, past_key_values=cache, use_cache=use_cache, logits_to_keep=1,
+                  **inputs.routing())
+
+        run_layer_loop_without_syncs(model, forward)
+        checked.append(f"prefill batch {batch}, use_cache={use_cache}")
+    return {"passed": True, "checked": checked}
