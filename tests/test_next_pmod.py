@@ -1,0 +1,144 @@
+"""p-MoD-LLaVA-NeXT on a tiny model: an AnyRes batch (images of different sizes plus a text-only sample) trains
+with the gradients of its samples taken one by one, and cached greedy generation of an AnyRes batch equals
+recomputation from scratch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.mm_utils import anyres_grid_pinpoints, load_image_processor, process_images
+from pmod.cache import PmodCache
+from pmod_testing import build_pmod
+
+TILE = 56  # the session's tiny CLIP: 56 px, 4 x 4 tokens per tile
+
+PROMPTS = [
+    [1, 5, IMAGE_TOKEN_INDEX, 6, 7, 8, 9],
+    [1, IMAGE_TOKEN_INDEX, 10, 11, 12],
+    [1, 13, IMAGE_TOKEN_INDEX, 14, 15, 16, 17, 18],
+    [1, 20, 21, 22, 23, 24],  # text only: consumes a dummy image
+]
+SIZES = [(112, 84), (40, 72), (150, 50), None]
+# 16 base tokens + unpadded rows x (columns + newline): 2x2 grid cut to 6x8, 1x2 grid 8x4, 3x1 grid 4x12.
+VISION_TOKENS = [16 + 6 * 9, 16 + 8 * 5, 16 + 4 * 13, 0]
+
+
+@pytest.fixture(scope="module")
+def tower(tiny_models):
+    return tiny_models.vision_tower
+
+
+@pytest.fixture(scope="module")
+def processor(tower):
+    return load_image_processor(tower)
+
+
+def next_pmod(tower, **overrides):
+    """An 8-layer p-MoD model with AnyRes (4 tiles at most), spatial_unpad and a random image_newline."""
+    model = build_pmod(
+        tower, mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
+        image_grid_pinpoints=anyres_grid_pinpoints(4, TILE), **overrides,
+    )
+    with torch.no_grad():
+        model.get_model().image_newline.normal_(generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def sample_images(processor, config):
+    """Per sample: its [1 + tiles, 3, 56, 56] tensor, or a zero image for the text-only sample."""
+    images = []
+    for index, size in enumerate(SIZES):
+        if size is None:
+            images.append(torch.zeros(3, TILE, TILE))
+            continue
+        color = (40 * index + 30, 200 - 50 * index, 90)
+        image = Image.effect_noise(size, 60).convert("RGB")
+        image.paste(color, (0, 0, size[0] // 2, size[1] // 2))
+        images.append(process_images([image], processor, config)[0])
+    return images
+
+
+def right_padded(prompts):
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+        mask[row, : len(prompt)] = True
+    return ids, mask
+
+
+def labels_for(ids, mask):
+    """Every text token but BOS is a label (image tokens and padding are ignored)."""
+    labels = torch.where(mask & (ids != IMAGE_TOKEN_INDEX), ids, IGNORE_INDEX)
+    labels[:, 0] = IGNORE_INDEX
+    return labels
+
+
+def summed_loss(model, prompts, images, sizes):
+    """Sum (not mean) of the token losses: the model's mean loss times its number of predicted labels."""
+    ids, mask = right_padded(prompts)
+    labels = labels_for(ids, mask)
+    predicted = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return model(input_ids=ids, attention_mask=mask, labels=labels, images=images, image_sizes=sizes).loss * predicted
+
+
+def gradients(model):
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def test_anyres_batch_gradients_equal_the_sum_of_per_sample_gradients(tower, processor):
+    model = next_pmod(tower).train()
+    images = sample_images(processor, model.config)
+    assert [image.shape[0] for image in images] == [5, 3, 4, 3]
+
+    model.zero_grad()
+    summed_loss(model, PROMPTS, images, SIZES).backward()
+    batched = gradients(model)
+    stats = model.model.last_routing_stats
+    assert list(stats.n_vision) == VISION_TOKENS
+    assert any(kept[0] < VISION_TOKENS[0] for kept in stats.kept_vision.values()), "p-MoD must drop tokens"
+
+    model.zero_grad()
+    for prompt, image, size in zip(PROMPTS, images, SIZES):
+        summed_loss(model, [prompt], [image], [size]).backward()
+    per_sample = gradients(model)
+
+    assert batched.keys() == per_sample.keys()
+    assert any("router" in name for name in batched) and "model.image_newline" in batched
+    assert batched["model.image_newline"].abs().sum() > 0
+    for name in batched:
+        torch.testing.assert_close(batched[name], per_sample[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def greedy_without_cache(model, prompt, image, size, steps):
+    tokens = []
+    for _ in range(steps):
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            logits = model(input_ids=ids, images=[image], image_sizes=[size], use_cache=False).logits
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+def test_cached_greedy_generation_of_an_anyres_batch_equals_recomputation(tower, processor):
+    model = next_pmod(tower)
+    prompts, sizes = PROMPTS[:2], SIZES[:2]
+    images = sample_images(processor, model.config)[:2]
+    expected = [greedy_without_cache(model, p, im, s, 5) for p, im, s in zip(prompts, images, sizes)]
+
+    ids, mask = right_padded(prompts)
+    result = model.generate(ids, attention_mask=mask, images=images, image_sizes=sizes, max_new_tokens=5,
+                            min_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert result.sequences.tolist() == expected
+
+    cache = result.past_key_values
+    assert isinstance(cache, PmodCache)
+    n_text = [len(p) - 1 for p in prompts]
+    schedule = model.model.schedule
+    for layer in schedule.mod_layers:
+        kept = [n_text[b] + schedule.keep_count(layer, VISION_TOKENS[b]) for b in range(2)]
+        assert cache.compact_lengths[layer].tolist() == kept
