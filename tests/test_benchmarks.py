@@ -1,0 +1,126 @@
+"""Benchmark harness: the --quick CLI runs both models end to end, KV bytes equal pmod.accounting exactly,
+the layout comparison computes the same layer output, and the GPU sync check passes (and can fail).
+
+Timings are never asserted: they depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from benchmarks.models import PRESETS, build_pair
+from benchmarks.run import parse_args
+from benchmarks.suite import kv_cache
+from conftest import run_command
+
+EXPECTED_MEASUREMENTS = {
+    "prefill, LLM only", "prefill, whole model (pixels)", "decode, latency per token", "decode, throughput",
+    "training step (fwd+bwd, grad ckpt)", "training step, peak memory", "KV cache after prefill, measured",
+    "KV cache after prefill, pmod.accounting",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    command = [sys.executable, "-m", "benchmarks.run", "--quick", "--warmup", "0", "--repeats", "1",
+               "--decode-tokens", "2", "--decode-batches", "1,2", "--json", str(out)]
+    completed = run_command(command, timeout=300)
+    return json.loads(out.read_text()), completed.stdout
+
+
+def test_quick_run_reports_environment_and_shapes(quick_result):
+    result, stdout = quick_result
+    env = result["environment"]
+    assert env["device"] == "cpu" and env["dtype"] == "float32"
+    assert env["torch"] == torch.__version__
+    assert result["command"].startswith("python -m benchmarks.run --quick")
+    shapes = result["shapes"]
+    assert (shapes["n_text"], shapes["n_vision"], shapes["n_tiles"]) == (24, 80, 5)
+    assert shapes["llm"]["hidden_size"] == 64 and shapes["mod_layers"] == 6
+    assert "| measurement | batch | unit | dense | p-MoD |" in stdout
+    assert result["command"] in stdout
+
+
+def test_quick_run_measures_both_models(quick_result):
+    rows = quick_result[0]["model"]
+    assert {row["measurement"] for row in rows} == EXPECTED_MEASUREMENTS
+    assert {row["batch"] for row in rows if row["measurement"].startswith("decode")} == {1, 2}
+    for row in rows:
+        if row["unit"] == "MiB" and row["measurement"].startswith("training"):
+            continue  # peak RSS growth can be 0 or n/a on CPU
+        assert row["dense"] > 0 and row["pmod"] > 0, row
+        assert row["ratio"] == pytest.approx(row["pmod"] / row["dense"])
+    flops = {row["measurement"]: row["predicted_ratio"] for row in rows if row["predicted_kind"] == "FLOPs"}
+    assert 0 < flops["prefill, LLM only"] < 1 and 0 < flops["prefill, whole model (pixels)"] < 1
+
+
+def test_quick_run_kv_layer_and_layout_sections(quick_result):
+    result = quick_result[0]
+    for name in ("dense", "pmod"):
+        assert result["kv_per_layer"][name]["measured"] == result["kv_per_layer"][name]["predicted"]
+    kept = [row["kept_tokens"] for row in result["layer_costs"]]
+    assert kept == sorted(kept, reverse=True) and kept[0] == 24 + 80
+    rows = {row["layout"]: row for row in result["attention"]["rows"]}
+    packed = rows["packed [1, sum Lk, D], per-sample SDPA"]
+    assert packed["ms"] > 0 and packed["max_abs_diff"] < 1e-5
+    assert packed["tokens_computed"] == sum(result["attention"]["lengths"])
+    assert rows["padded [B, Lk_max, D], causal SDPA (model today)"]["tokens_computed"] == 8 * max(result["attention"]["lengths"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes_equal_accounting_per_layer(dtype):
+    pair = build_pair(PRESETS["tiny"], torch.device("cpu"), dtype)
+    kv = kv_cache(pair)
+    assert kv["pmod"]["measured"] == kv["pmod"]["predicted"]
+    assert kv["dense"]["measured"] == kv["dense"]["predicted"]
+    # Tiny Llama: 2 KV heads x 16 dims, 104 tokens; layer 7 keeps 24 text + int(80 * 0.15) = 12 vision tokens.
+    per_token = 2 * 2 * 16 * dtype.itemsize
+    assert kv["dense"]["measured"][7] == 104 * per_token
+    assert kv["pmod"]["measured"][7] == 36 * per_token
+
+
+def test_dense_twin_shares_the_pmod_weights():
+    pair = build_pair(PRESETS["tiny"], torch.device("cpu"), torch.float32)
+    index = pair.pmod.get_model().schedule.mod_layers[0]
+    routed = pair.pmod.get_model().layers[index].decoder_layer.mlp.up_proj.weight
+    assert pair.dense.get_model().layers[index].mlp.up_proj.weight is routed
+    assert not any(t.is_meta for t in list(pair.dense.parameters()) + list(pair.dense.buffers()))
+
+
+def test_bad_flags_name_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--parts", "prefill,bogus"])
+    assert "--parts: unknown bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_sync_check_refuses_cpu():
+    from benchmarks.syncs import check_prefill_syncs
+
+    pair = build_pair(PRESETS["tiny"], torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="--check-syncs needs"):
+        check_prefill_syncs(pair)
+
+
+@pytest.mark.gpu
+def test_prefill_layer_loop_has_no_device_to_host_sync():
+    from benchmarks.syncs import check_prefill_syncs, run_layer_loop_without_syncs
+
+    pair = build_pair(PRESETS["tiny"], torch.device("cuda"), torch.bfloat16)
+    assert check_prefill_syncs(pair)["passed"]
+
+    layer = pair.pmod.get_model().layers[3]
+    handle = layer.register_forward_hook(lambda module, args, output: output.sum().item())
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            run_layer_loop_without_syncs(pair.pmod, lambda: pair.pmod(
+                inputs_embeds=torch.zeros(1, 8, 64, device="cuda", dtype=torch.bfloat16), use_cache=False))
+    finally:
+        handle.remove()
