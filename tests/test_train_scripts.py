@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_script_env(tiny_models, tiny_dataset, output_dir, **overrides):
-    return subprocess_env(
+    """Environment for the stage scripts: tiny models, one process, fp32, a couple of steps."""
+    settings = dict(
         LAUNCHER="python",
         PYTHON=sys.executable,
         MODEL=tiny_models.llm,
@@ -29,8 +30,9 @@ def tiny_script_env(tiny_models, tiny_dataset, output_dir, **overrides):
         MODEL_MAX_LENGTH=256,
         NUM_WORKERS=0,
         PRECISION_FLAGS="--bf16 False --tf32 False",
-        **overrides,
     )
+    settings.update(overrides)
+    return subprocess_env(**settings)
 
 
 def test_pretrain_then_finetune_scripts(tiny_models, tiny_dataset, tmp_path):

@@ -388,7 +388,9 @@ def train(argv=None) -> None:
     validate_args(model_args, data_args, training_args)
     configure_reporting(training_args)
     training_args.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
-    if training_args.deepspeed and not torch.distributed.is_initialized():
+    if training_args.deepspeed:
+        # DeepSpeed's own communication layer must be set up (on top of the process group accelerate may
+        # already have made) before ZeRO-3 partitions weights inside from_pretrained.
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else "nccl")
