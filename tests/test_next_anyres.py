@@ -245,3 +245,13 @@ def test_truncation_cuts_mask_labels_and_embeddings_at_the_same_place(clip336, c
     warning = " ".join(record.getMessage() for record in caplog.records)
     assert f"Truncated 1 sample(s) of this batch (rows [0]) to tokenizer_model_max_length={limit}" in warning
     assert f"{before + 1} truncated so far" in warning
+
+
+@pytest.mark.parametrize("size, official, exact", [((396, 704), 1872, 1968), ((1407, 536), 2088, 2136)])
+def test_unpad_keeps_llava_float_rounding_where_exact_arithmetic_differs(size, official, exact):
+    """LLaVA-1.6 computes int(396 * (48 / 704)) = int(26.999...) = 26 columns, not 27; checkpoints were trained
+    with that layout, so the model keeps it (exact integer arithmetic would give two more columns)."""
+    grid = expected_grid(size, PINPOINTS_4)
+    tiles = torch.zeros(1 + grid[0] * grid[1], BASE_TOKENS, 2)
+    merged, _ = merge_anyres_features(tiles, size, PINPOINTS_4, TILE, torch.ones(2))
+    assert (merged.shape[0], expected_tokens(size)) == (official, exact)

@@ -143,9 +143,11 @@ def test_prepare_names_the_file_and_row_of_a_broken_image(tmp_path):
 
 
 def test_missing_parquet_input_is_named(tmp_path):
-    result = run_command([sys.executable, DATA_TOOLS / "prepare_llava_next_data.py", "--parquet", tmp_path / "nope"],
+    result = run_command([sys.executable, DATA_TOOLS / "prepare_llava_next_data.py", "--parquet", tmp_path / "nope",
+                          "--output-json", tmp_path / "x.json", "--image-folder", tmp_path / "im"],
                          env=subprocess_env(), expect_success=False)
     assert result.returncode == 2 and "--parquet" in result.stderr and "nope" in result.stderr
+    assert not (tmp_path / "im").exists()
 
 
 def llava_records(n_image, n_text):

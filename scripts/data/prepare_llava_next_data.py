@@ -148,10 +148,11 @@ def convert_row(row, writer: ImageWriter, stats: Counter) -> dict:
 
 def prepare(parquet, output_json: Path, image_folder: Path, jpeg: bool = False, pad_to_multiple: int = 0,
             seed: int = 42, log_every: int = 10000) -> list:
+    files = parquet_files(parquet)
     writer = ImageWriter(image_folder, jpeg)
     stats: Counter = Counter()
     records = []
-    for path, row in iter_rows(parquet_files(parquet)):
+    for path, row in iter_rows(files):
         try:
             records.append(convert_row(row, writer, stats))
         except (KeyError, TypeError, ValueError, OSError) as error:
