@@ -142,3 +142,57 @@ def test_trainer_groups_batches_by_modality(tiny_models, tmp_path):
     for start in range(0, len(order), megabatch):
         signs = {lengths[i] > 0 for i in order[start:start + megabatch]}
         assert len(signs) == 1, f"megabatch at {start} mixes image and text-only samples"
+
+
+def trainable_groups(tiny_models, tiny_dataset, tmp_path, *extra):
+    """Build the tiny model as train() does and report which parameter families are trainable."""
+    from llava.train.train import build_model, configure_trainable, parse_args
+
+    model_args, data_args, training_args = parse_args(base_argv(
+        tiny_models, tiny_dataset, tmp_path, "--mm_projector_type", "mlp2x_gelu", "--use_cpu", "True", *extra,
+    ))
+    model = build_model(model_args, data_args, training_args, torch.float32)
+    configure_trainable(model, model_args, training_args)
+    families = {"mm_projector": "projector", "vision_tower": "tower", "router": "router", "lm_head": "head",
+                "embed_tokens": "embeddings", "layers.": "llm"}
+    trainable = {}
+    for name, param in model.named_parameters():
+        family = next(f for key, f in families.items() if key in name) if any(k in name for k in families) else "other"
+        trainable.setdefault(family, set()).add(param.requires_grad)
+    return {family: flags == {True} for family, flags in trainable.items()}, data_args
+
+
+def test_stage1_trains_only_the_projector(tiny_models, tiny_dataset, tmp_path):
+    trainable, data_args = trainable_groups(tiny_models, tiny_dataset, tmp_path, "--tune_mm_mlp_adapter", "True")
+    assert trainable == {"projector": True, "tower": False, "head": False, "embeddings": False, "llm": False,
+                         "other": False}
+    assert data_args.is_multimodal and data_args.image_processor is not None
+
+
+def test_stage2_trains_llm_and_projector_but_not_the_tower(tiny_models, tiny_dataset, tmp_path):
+    trainable, _ = trainable_groups(tiny_models, tiny_dataset, tmp_path)
+    assert trainable == {"projector": True, "tower": False, "head": True, "embeddings": True, "llm": True,
+                         "other": True}
+
+
+def test_pmod_freeze_backbone_keeps_new_modules_trainable(tiny_models, tiny_dataset, tmp_path):
+    trainable, _ = trainable_groups(
+        tiny_models, tiny_dataset, tmp_path, "--freeze_backbone", "True",
+        "--mod_target_layers", "shiftedcos_decay_0.85_0.15", "--mod_weight_norm", "tanh_0.2_1",
+    )
+    assert trainable["router"] and trainable["projector"] and trainable["head"]
+    assert not trainable["llm"] and not trainable["embeddings"] and not trainable["tower"]
+
+
+def test_anyres_records_grid_pinpoints(tiny_models, tiny_dataset, tmp_path):
+    from llava.train.train import build_model, parse_args
+
+    model_args, data_args, training_args = parse_args(base_argv(
+        tiny_models, tiny_dataset, tmp_path, "--image_aspect_ratio", "anyres", "--mm_patch_merge_type",
+        "spatial_unpad", "--max_num_sub_images", "4", "--use_cpu", "True",
+    ))
+    model = build_model(model_args, data_args, training_args, torch.float32)
+    tile = data_args.image_processor.crop_size["height"]
+    assert model.config.image_grid_pinpoints == data_args.image_grid_pinpoints
+    assert [tile, 2 * tile] in data_args.image_grid_pinpoints and [2 * tile, 2 * tile] in data_args.image_grid_pinpoints
+    assert model.config.image_aspect_ratio == "anyres" and model.config.max_num_sub_images == 4

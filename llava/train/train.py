@@ -31,7 +31,8 @@ MOD_TOKEN_TYPES = ("vision_all", "vision_hr", "all")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 LORA_BIASES = ("none", "all", "lora_only")
 NOT_LORA_TARGETS = ("mm_projector", "vision_tower", "vision_resampler", "router", "lm_head")
-TRAINABLE_BESIDE_LORA = ("mm_projector", "router", "image_newline")
+# Modules the LLM checkpoint does not have: trained in full under LoRA and under --freeze_backbone.
+NEW_MODULES = ("mm_projector", "router", "image_newline")
 
 
 @dataclass
@@ -105,6 +106,11 @@ def parse_args(argv=None):
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.mod_enabled and model_args.mod_target_token_type is None:
         model_args.mod_target_token_type = "vision_all"
+    # What the data side reads besides its own flags; the image settings are filled in once the tower exists.
+    data_args.version = model_args.version
+    data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
+    data_args.image_processor = None
+    data_args.image_grid_pinpoints = None
     if isinstance(training_args.resume_from_checkpoint, str) and training_args.resume_from_checkpoint.lower() == "true":
         training_args.resume_from_checkpoint = True
     return model_args, data_args, training_args
@@ -260,9 +266,6 @@ def build_model(model_args, data_args, training_args, compute_dtype):
         configure_multimodal(model, vision_tower, model_args, data_args, training_args)
     if model_args.mod_enabled:
         model.get_model().initialize_mod_modules(model_args)
-        for name, param in model.named_parameters():
-            if "router" in name and param.dtype != compute_dtype:
-                param.data = param.data.to(compute_dtype)
     return model
 
 
@@ -292,7 +295,8 @@ def configure_multimodal(model, vision_tower, model_args, data_args, training_ar
 def configure_trainable(model, model_args: ModelArguments, training_args: TrainingArguments) -> None:
     """Stage 1: projector only. Stage 2: everything but the vision tower (and the backbone if frozen)."""
     if model_args.freeze_backbone:
-        model.get_model().requires_grad_(False)
+        for name, param in model.get_model().named_parameters():
+            param.requires_grad_(any(part in name for part in NEW_MODULES))
     if model_args.vision_tower:
         projector = model.get_model().mm_projector
         if model_args.tune_mm_mlp_adapter:
@@ -334,7 +338,7 @@ def apply_lora(model, training_args: TrainingArguments):
         model = get_peft_model(model, lora_config)
         extra = None
     for name, param in model.named_parameters():
-        if any(part in name for part in TRAINABLE_BESIDE_LORA):
+        if any(part in name for part in NEW_MODULES):
             param.requires_grad_(not ("mm_projector" in name and training_args.freeze_mm_mlp_adapter))
     if extra and os.path.isfile(extra):
         load_partial_state(model, load_file(extra))
@@ -398,10 +402,6 @@ def train(argv=None) -> None:
     from llava.train.dataset import make_supervised_data_module
 
     compute_dtype = compute_dtype_of(training_args)
-    data_args.version = model_args.version
-    data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
-    data_args.image_processor = None
-    data_args.image_grid_pinpoints = None
     tokenizer = build_tokenizer(model_args, training_args)
     model = build_model(model_args, data_args, training_args, compute_dtype)
     if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
