@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, run_command, subprocess_env, write_tiny_llava_dataset
@@ -20,7 +21,7 @@ IMAGE_SIZES = [(112, 84), (40, 72), (150, 50), (60, 60), (64, 48), (30, 90)]
 def anyres_dataset(root):
     """The shared tiny data set with its images redrawn at sizes that need different AnyRes grids."""
     dataset = write_tiny_llava_dataset(root, num_image_samples=len(IMAGE_SIZES), num_text_samples=2)
-    records = json.loads(open(dataset.instruct_json).read())
+    records = json.loads(Path(dataset.instruct_json).read_text())
     image_records = [record for record in records if "image" in record]
     for record, size in zip(image_records, IMAGE_SIZES):
         path = f"{dataset.image_folder}/{record['image']}"
