@@ -148,7 +148,9 @@ def test_efficiency_records_follow_schedule_and_accounting(checkpoints, tmp_path
     lm = PmodLlava(pretrained=checkpoints[variant], device="cpu", batch_size=3, log_efficiency=True,
                    efficiency_dir=str(tmp_path))
     requests = _mixed_requests()
-    _generate(lm, requests, 3)
+    padding = _request("generate_until", requests[-1].args)
+    padding.metadata["__padding_only__"] = True  # what lmms-eval adds to even out ranks
+    _generate(lm, requests + [padding], 3)
     lm.clean()
     lines = (tmp_path / "efficiency_rank0.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]

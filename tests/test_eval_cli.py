@@ -219,6 +219,24 @@ def test_summary_table_and_efficiency_come_from_the_run(runs):
     assert f"| Efficiency | KV cache, vision tokens % | {100 * efficiency['vision_kv_ratio']:.2f} |" in summary_md
 
 
+def test_data_parallel_run_splits_the_documents_and_gives_the_same_answers(runs, fixture_tasks, checkpoint,
+                                                                             tmp_path):
+    """Two CPU ranks under torchrun (accelerate on a CPU-only host starts a single process)."""
+    out = tmp_path / "ddp"
+    env = dict(_env(tmp_path), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+          "-m", "lmms_eval", "--model", "pmod_llava", "--device", "cpu",
+          "--model_args", f"pretrained={checkpoint},log_efficiency=True,efficiency_dir={out / 'efficiency'}",
+          "--tasks", TASKS, "--include_path", str(fixture_tasks), "--batch_size", "2",
+          "--log_samples", "--output_path", str(out)], env, cwd=tmp_path)
+    assert _answers(out) == _answers(runs["script_out"])
+    per_rank = [[json.loads(line) for line in (out / "efficiency" / f"efficiency_rank{rank}.jsonl")
+                 .read_text().splitlines()] for rank in (0, 1)]
+    assert all(per_rank)
+    keys = [(record["task"], record["doc_id"]) for records in per_rank for record in records]
+    assert len(keys) == len(set(keys)) == 6 + 5 + 5  # every document once, rank-padding copies not counted
+
+
 def test_eval_script_rejects_bad_settings(tmp_path):
     env = _env(tmp_path)
     for override, message in [({"NUM_GPUS": "two"}, "NUM_GPUS"), ({"BATCH_SIZE": "0"}, "BATCH_SIZE"),

@@ -226,7 +226,8 @@ class PmodLlava(lmms):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             prepared.append({"ids": self._prompt_ids(context, len(visuals)), "visuals": visuals,
-                             "gen_kwargs": gen_kwargs, "task": task, "split": split, "doc_id": doc_id})
+                             "gen_kwargs": gen_kwargs, "task": task, "split": split, "doc_id": doc_id,
+                             "padding": bool((request.metadata or {}).get("__padding_only__"))})
         batches = list(plan_batches(
             prepared, self.batch_size,
             group_key=lambda item: (kwargs_key(item["gen_kwargs"]), bool(item["visuals"])),
@@ -262,6 +263,8 @@ class PmodLlava(lmms):
     def _log_efficiency(self, items, rows, token_counts) -> None:
         """One record per sample from the prefill's token counts (`n_valid` = expanded prompt length)."""
         for sample, (item, tokens) in enumerate(zip(items, rows)):
+            if item["padding"]:
+                continue  # a copy lmms-eval adds so that every rank runs as many requests
             n_vision = token_counts.n_target[sample]
             self.efficiency.record(
                 task=item["task"], split=item["split"], doc_id=item["doc_id"], prompt_tokens=len(item["ids"]),
