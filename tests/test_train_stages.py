@@ -142,7 +142,7 @@ def test_lora_trains_adapter_and_saves_merged_model(tiny_models, tiny_dataset, t
 
 def test_resume_continues_steps_and_losses(tiny_models, tiny_dataset, tmp_path):
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    common = dict(save_strategy="steps", save_steps=2, max_steps=4)
+    common = dict(save_strategy="steps", save_steps=2, max_steps=4, group_by_modality_length=True)
     run_train(stage2_flags(tiny_models, tiny_dataset, full_dir, **common))
     full_losses = log_losses(full_dir)
     assert sorted(full_losses) == [1, 2, 3, 4]

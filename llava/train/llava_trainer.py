@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+from llava.train.sampler import LengthGroupedSampler
+
 logger = logging.getLogger(__name__)
 
 PROJECTOR_FILE = "mm_projector.bin"
@@ -76,12 +78,13 @@ class LLaVATrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if dataset is None or not getattr(self.args, "group_by_modality_length", False):
             return super()._get_train_sampler(train_dataset)
-        from llava.train.sampler import LengthGroupedSampler
-
+        # A seeded generator makes the order independent of RNG use elsewhere, so a resumed run sees the same order.
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return LengthGroupedSampler(
             self.args.train_batch_size,
             world_size=self.args.world_size * self.args.gradient_accumulation_steps,
             lengths=dataset.modality_lengths,
+            generator=torch.Generator().manual_seed(seed),
             group_by_modality=True,
         )
 
