@@ -86,6 +86,24 @@ def test_each_answer_is_the_answer_to_its_own_request_alone(adapters):
     assert batched[3:6] == alone
 
 
+def _no_visual(doc):
+    return []
+
+
+def test_text_only_requests_answer_like_plain_generate(adapters):
+    lm = adapters["pmod_pad"]
+    text_requests = [_request("generate_until", (f"Count to {n}.", dict(GREEDY), _no_visual, n, "ci_a", "test"))
+                     for n in range(3)]
+    mixed = _mixed_requests()[:3] + text_requests
+    single = _generate(lm, mixed, 1)
+    assert _generate(lm, mixed, 3) == single
+    ids = torch.tensor([tokenizer_image_token(build_prompt("Count to 2.", 0, lm.conv_template), lm.tokenizer)])
+    with torch.no_grad():
+        full = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                 pad_token_id=lm.tokenizer.pad_token_id)
+    assert single[-1] == lm.tokenizer.decode(full[0, ids.shape[1]:], skip_special_tokens=True).split("\n\n")[0]
+
+
 def test_until_stop_strings_are_applied(adapters):
     lm = adapters["dense_pad"]
     free = _generate(lm, _mixed_requests({"max_new_tokens": 6, "temperature": 0})[:1], 1)[0]

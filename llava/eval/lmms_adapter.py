@@ -104,7 +104,6 @@ class PmodLlava(lmms):
         else:
             self._load(str(pretrained), model_base, model_name, device, attn_implementation, parse_dtype(dtype))
 
-        self._tokenizer.padding_side = "left"
         self._pad_token_id = (self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None
                               else self._tokenizer.eos_token_id)
         self.efficiency = (EfficiencyLog(self._model.config, efficiency_dir, self._rank, self._model.dtype)
@@ -127,6 +126,7 @@ class PmodLlava(lmms):
             pretrained, model_base, model_name, device=str(self._device), dtype=dtype,
             attn_implementation=attn_implementation)
         self._model = model.to(self._device).eval()
+        self._tokenizer.padding_side = "left"
         logger.info("pmod_llava: %s on %s (rank %d of %d)", pretrained, self._device, self._rank, self._world_size)
 
     def _adopt_built_model(self, model, tokenizer, image_processor) -> None:
@@ -249,9 +249,11 @@ class PmodLlava(lmms):
             output = self._model.generate(
                 input_ids, attention_mask=attention_mask, images=images, image_sizes=image_sizes,
                 pad_token_id=self._pad_token_id, use_cache=True, **plan.generate_kwargs)
+        if images is None:  # text-only prompts: generate() returns prompt and answer
+            output = output[:, input_ids.shape[1]:]
         rows = output.tolist()
-        if counts:
-            self._log_efficiency(items, rows, counts[0])
+        if self.efficiency is not None:
+            self._log_efficiency(items, rows, counts[0] if counts else None)
         results = []
         for item, tokens in zip(items, rows):
             text = self._tokenizer.decode(tokens, skip_special_tokens=True)
@@ -261,14 +263,16 @@ class PmodLlava(lmms):
         return results
 
     def _log_efficiency(self, items, rows, token_counts) -> None:
-        """One record per sample from the prefill's token counts (`n_valid` = expanded prompt length)."""
+        """One record per sample from the prefill's token counts (`n_valid` = expanded prompt length);
+        without images (`token_counts` None) the prompt is all text."""
         for sample, (item, tokens) in enumerate(zip(items, rows)):
             if item["padding"]:
                 continue  # a copy lmms-eval adds so that every rank runs as many requests
-            n_vision = token_counts.n_target[sample]
+            n_vision = token_counts.n_target[sample] if token_counts else 0
+            n_valid = token_counts.n_valid[sample] if token_counts else len(item["ids"])
             self.efficiency.record(
                 task=item["task"], split=item["split"], doc_id=item["doc_id"], prompt_tokens=len(item["ids"]),
-                text_tokens=token_counts.n_valid[sample] - n_vision, vision_tokens=n_vision,
+                text_tokens=n_valid - n_vision, vision_tokens=n_vision,
                 kept_vision=kept_vision_per_layer(self._model, sample, n_vision, self.efficiency.schedule),
                 generated_tokens=self._generated_length(tokens))
         self.efficiency.flush()
