@@ -26,7 +26,7 @@ def _number(value, digits: int = 3) -> str:
     if isinstance(value, float):
         if value != value:
             return "n/a"
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 1e3 else f"{value:,.0f}"
     return str(value)
 
 
@@ -34,6 +34,17 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_number(v) for v in row) + " |" for row in rows]
     return lines
+
+
+def _llm(llm: dict) -> str:
+    return (f"hidden {llm['hidden_size']}, MLP {llm['intermediate_size']}, {llm['num_layers']} layers, "
+            f"{llm['num_heads']} heads ({llm['num_kv_heads']} KV), vocab {llm['vocab_size']}")
+
+
+def _tower(tower: dict) -> str:
+    name = f"{tower['known_name']}, " if tower.get("known_name") else ""
+    return (f"{name}{tower['image_size']} px, patch {tower['patch_size']}, hidden {tower['hidden_size']}, "
+            f"{tower['num_layers']} layers")
 
 
 def markdown(result: dict) -> str:
@@ -47,7 +58,7 @@ def markdown(result: dict) -> str:
         f"CPU threads {env['cpu_threads']}; warm-up {result['settings']['warmup']}, "
         f"median of {result['settings']['repeats']} repeats.",
         "",
-        f"Shapes: LLM {shapes['llm']}; vision tower {shapes['tower']}; {shapes['n_text']} text + "
+        f"Shapes: LLM {_llm(shapes['llm'])}; vision tower {_tower(shapes['tower'])}; {shapes['n_text']} text + "
         f"{shapes['n_vision']} vision tokens ({shapes['n_tiles']} tile(s)); p-MoD schedule {shapes['schedule']}, "
         f"beta {shapes['router_factor']} ({shapes['mod_layers']} p-MoD layers of {shapes['llm']['num_layers']}).",
         "",
