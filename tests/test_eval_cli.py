@@ -45,7 +45,8 @@ def _image(i, size_step=11):
 
 
 def _write_parquet(path, rows):
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     columns = {key: Value("string") for key in rows[0] if key != "image"}
     Dataset.from_list(rows, features=Features({**columns, "image": ImageFeature()})).to_parquet(str(path))

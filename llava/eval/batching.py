@@ -1,8 +1,7 @@
 """Order and chunk evaluation requests into batches, and put the answers back in request order.
 
-Requests are grouped by their generation kwargs (one `generate()` call needs one set of kwargs) and
-by whether they carry images (LLaVA's splicing cannot mix image and text-only samples in one batch),
-then sorted longest first so a batch holds prompts of similar length. Each batch keeps the original
+Requests are grouped by their generation kwargs (one `generate()` call needs one set of kwargs), then
+sorted longest first so a batch holds prompts of similar length. Each batch keeps the original
 positions of its requests, so every request still resolves its own task, split and document.
 """
 

@@ -92,7 +92,8 @@ class PmodLlava(lmms):
         try:
             self.batch_size_per_gpu = int(batch_size)
         except (TypeError, ValueError):
-            raise ValueError(f"pmod_llava: batch_size must be an integer, got {batch_size!r} ('auto' is not supported)") from None
+            raise ValueError(
+                f"pmod_llava: batch_size must be an integer, got {batch_size!r} ('auto' is not supported)") from None
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"pmod_llava: batch_size must be >= 1, got {self.batch_size_per_gpu}")
         self.conv_template = str(conv_template)
@@ -221,22 +222,29 @@ class PmodLlava(lmms):
         return tokens.index(eos) + 1 if eos in tokens else len(tokens)
 
     def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
-        prepared = []
+        """Batches of requests with equal generation kwargs, longest context first; images are loaded per batch."""
+        pending = []
         for request in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            visuals = self._visuals(doc_to_visual, task, split, doc_id)
-            prepared.append({"ids": self._prompt_ids(context, len(visuals)), "visuals": visuals,
-                             "gen_kwargs": gen_kwargs, "task": task, "split": split, "doc_id": doc_id,
-                             "padding": bool((request.metadata or {}).get("__padding_only__"))})
-        batches = list(plan_batches(
-            prepared, self.batch_size,
-            group_key=lambda item: (kwargs_key(item["gen_kwargs"]), bool(item["visuals"])),
-            length=lambda item: len(item["ids"])))
+            pending.append({"context": context, "gen_kwargs": gen_kwargs, "doc_to_visual": doc_to_visual,
+                            "task": task, "split": split, "doc_id": doc_id,
+                            "length": len(self._tokenizer(context, add_special_tokens=False)["input_ids"]),
+                            "padding": bool((request.metadata or {}).get("__padding_only__"))})
+        batches = list(plan_batches(pending, self.batch_size, group_key=lambda item: kwargs_key(item["gen_kwargs"]),
+                                    length=lambda item: item["length"]))
         answered = []
         for batch in tqdm(batches, disable=self.rank != 0, desc="pmod_llava generate"):
-            items = [item for _, item in batch]
-            answers = self._generate_batch(items)
-            answered.extend(zip([index for index, _ in batch], answers))
+            for _, item in batch:
+                item["visuals"] = self._visuals(item["doc_to_visual"], item["task"], item["split"], item["doc_id"])
+                item["ids"] = self._prompt_ids(item["context"], len(item["visuals"]))
+            # LLaVA's splicing wants image and text-only prompts in separate generate() calls.
+            for has_images in (True, False):
+                part = [(index, item) for index, item in batch if bool(item["visuals"]) == has_images]
+                if part:
+                    answers = self._generate_batch([item for _, item in part])
+                    answered.extend(zip([index for index, _ in part], answers))
+            for _, item in batch:
+                del item["visuals"]
         return restore_order(len(requests), answered)
 
     @torch.inference_mode()
