@@ -40,6 +40,7 @@ def base_argv(tiny_models, tiny_dataset, tmp_path, *extra):
         (["--attn_implementation", "fast"], "--attn_implementation"),
         (["--tune_mm_mlp_adapter", "True", "--lora_enable", "True"], "--lora_enable"),
         (["--pretrain_mm_mlp_adapter", "/no/such/mm_projector.bin"], "--pretrain_mm_mlp_adapter"),
+        (["--mm_use_im_start_end", "True"], "--mm_use_im_start_end"),
     ],
 )
 def test_bad_flags_are_rejected_before_a_model_is_built(no_model_build, tiny_models, tiny_dataset, tmp_path,

@@ -17,6 +17,14 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file
+from transformers.utils import is_flash_attn_2_available
+
+from llava.conversation import get_conv_template
+from llava.mm_utils import anyres_grid_pinpoints
+from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM  # also registers the config types
+from llava.train.dataset import make_supervised_data_module
 from llava.train.llava_trainer import (
     NON_LORA_FILE,
     LLaVATrainer,
@@ -24,6 +32,8 @@ from llava.train.llava_trainer import (
     is_peft_model,
     load_partial_state,
 )
+from pmod.schedule import parse_schedule
+from pmod.weight_norm import parse_weight_norm
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +128,6 @@ def parse_args(argv=None):
 
 def validate_args(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
     """Reject bad flags with a message naming the flag, before anything heavy happens. Returns the LLM config."""
-    from llava.conversation import get_conv_template
-
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required")
     if not data_args.data_path or not os.path.isfile(data_args.data_path):
@@ -135,6 +143,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
     _check_bits(training_args.bits)
     if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
         raise ValueError("--tune_mm_mlp_adapter (stage 1) trains the projector only; it cannot be combined with --lora_enable")
+    for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+        if getattr(model_args, flag):
+            raise ValueError(f"--{flag} True is not supported (LLaVA-1.5, LLaVA-NeXT and p-MoD train with False)")
     if model_args.tune_mm_mlp_adapter and not model_args.vision_tower:
         raise ValueError("--tune_mm_mlp_adapter needs --vision_tower")
     if model_args.pretrain_mm_mlp_adapter and not os.path.isfile(model_args.pretrain_mm_mlp_adapter):
@@ -163,8 +174,6 @@ def _check_bits(bits: int) -> None:
 
 
 def _load_llm_config(model_args: ModelArguments, training_args: TrainingArguments):
-    import llava.model  # noqa: F401  (registers the llava_llama / pmod_llava_llama config types)
-
     try:
         return transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
     except (OSError, ValueError) as err:
@@ -172,9 +181,6 @@ def _load_llm_config(model_args: ModelArguments, training_args: TrainingArgument
 
 
 def _validate_mod_args(model_args: ModelArguments, config) -> None:
-    from pmod.schedule import parse_schedule
-    from pmod.weight_norm import parse_weight_norm
-
     _check_choice("--mod_target_token_type", model_args.mod_target_token_type, MOD_TOKEN_TYPES)
     parse_schedule(model_args.mod_target_layers, model_args.mod_router_factor, config.num_hidden_layers)
     parse_weight_norm(model_args.mod_weight_norm)
@@ -186,8 +192,6 @@ def resolve_attn_implementation(requested: str) -> str:
     """``auto`` and an unavailable ``flash_attention_2`` fall back to SDPA (flash-attn is optional)."""
     if requested not in ("auto", "flash_attention_2"):
         return requested
-    from transformers.utils import is_flash_attn_2_available
-
     if is_flash_attn_2_available() and torch.cuda.is_available():
         return "flash_attention_2"
     if requested == "flash_attention_2":
@@ -241,8 +245,6 @@ def build_tokenizer(model_args: ModelArguments, training_args: TrainingArguments
 
 def build_model(model_args, data_args, training_args, compute_dtype):
     """Load the LLM into the LLaVA (or p-MoD) class, attach the vision modules and the routers."""
-    from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM
-
     model_cls = PmodLlavaLlamaForCausalLM if model_args.mod_enabled else LlavaLlamaForCausalLM
     model = model_cls.from_pretrained(
         model_args.model_name_or_path,
@@ -253,8 +255,6 @@ def build_model(model_args, data_args, training_args, compute_dtype):
     )
     model.config.use_cache = False
     if training_args.bits in (4, 8):
-        from peft import prepare_model_for_kbit_training
-
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=uses_activation_checkpointing(training_args)
         )
@@ -271,8 +271,6 @@ def build_model(model_args, data_args, training_args, compute_dtype):
 
 def configure_multimodal(model, vision_tower, model_args, data_args, training_args) -> None:
     """Hand the image processor to the data side and record LLaVA's multimodal settings in the config."""
-    from llava.mm_utils import anyres_grid_pinpoints
-
     data_args.image_processor = vision_tower.image_processor
     data_args.is_multimodal = True
     if data_args.image_aspect_ratio.startswith("anyres"):
@@ -320,9 +318,6 @@ def lora_target_modules(model) -> list[str]:
 
 def apply_lora(model, training_args: TrainingArguments):
     """Wrap the LLM linears with LoRA; projector, routers and image_newline stay fully trainable."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from safetensors.torch import load_file
-
     if training_args.lora_weight_path:
         model = PeftModel.from_pretrained(model, training_args.lora_weight_path, is_trainable=True)
         extra = os.path.join(training_args.lora_weight_path, NON_LORA_FILE)
@@ -349,7 +344,7 @@ def base_config(model):
     return model.get_base_model().config if is_peft_model(model) else model.config
 
 
-def save_final(trainer: LLaVATrainer, model_args: ModelArguments, training_args: TrainingArguments, tokenizer) -> None:
+def save_final(trainer: LLaVATrainer, training_args: TrainingArguments, tokenizer) -> None:
     """Stage 1: mm_projector.bin + config. LoRA: the adapter in lora_adapter/ and a merged full model.
     Otherwise the full model (safetensors), config with use_cache=True, and the tokenizer."""
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -399,13 +394,9 @@ def train(argv=None) -> None:
 
         deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else "nccl")
 
-    from llava.train.dataset import make_supervised_data_module
-
     compute_dtype = compute_dtype_of(training_args)
     tokenizer = build_tokenizer(model_args, training_args)
     model = build_model(model_args, data_args, training_args, compute_dtype)
-    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
-        model.initialize_vision_tokenizer(model_args, tokenizer=tokenizer)
     configure_trainable(model, model_args, training_args)
     if training_args.lora_enable:
         model = apply_lora(model, training_args)
@@ -414,7 +405,7 @@ def train(argv=None) -> None:
     trainer = LLaVATrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
     trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
     trainer.save_state()
-    save_final(trainer, model_args, training_args, tokenizer)
+    save_final(trainer, training_args, tokenizer)
 
 
 if __name__ == "__main__":
