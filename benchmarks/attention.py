@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import logging
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     pieces = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
                                        scale=scaling, enable_gqa=gqa)
-        for s, e in zip(pack_offsets[:-1], pack_offsets[1:])
+        for s, e in pairwise(pack_offsets)
     ]
     return torch.cat(pieces, dim=2).transpose(1, 2), None
 
@@ -67,7 +68,7 @@ def _packed_varlen(module, query, key, value, attention_mask, dropout=0.0, scali
                    pack_max_length, **_):
     from torch.nn.attention.varlen import varlen_attn
 
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     parameters = inspect.signature(varlen_attn).parameters
     extra = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
     if q.shape[1] != k.shape[1]:
@@ -174,12 +175,14 @@ def _add_flex(rows, add, offsets, device, warmup, repeats) -> None:
         return
     total = offsets[-1]
     document = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=device),
-                                       torch.tensor([e - s for s, e in zip(offsets[:-1], offsets[1:])], device=device))
+                                       torch.tensor([e - s for s, e in pairwise(offsets)], device=device))
 
     def document_causal(b, h, q_idx, kv_idx):
         return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
 
-    build = lambda: create_block_mask(document_causal, None, None, total, total, device=device)  # noqa: E731
+    def build():
+        return create_block_mask(document_causal, None, None, total, total, device=device)
+
     mask_ms = measure(build, device, warmup, repeats).median_s * 1e3
     add("packed, flex_attention", "pmod_bench_packed_flex", note=f"+{mask_ms:.3f} ms BlockMask build per layer",
         pack_block_mask=build(), pack_flex=torch.compile(flex_attention))

@@ -67,10 +67,15 @@ def layer_costs(pair: ModelPair, warmup: int, repeats: int, batch: int = 1,
             keep = int(preset.n_vision * ratio)
             plan = uniform_plan(batch, preset.n_text, keep, pair.device)
             routing = LayerRouting(plan, targets, valid, None)
-            routed = measure(lambda: layer(hidden, routing=routing, position_embeddings=rope), pair.device, warmup,
-                             repeats).median_s * 1e3
-            overhead = measure(lambda: _routing_only(layer, hidden, routing, rope), pair.device, warmup,
-                               repeats).median_s * 1e3
+
+            def routed_layer(routing=routing):
+                return layer(hidden, routing=routing, position_embeddings=rope)
+
+            def routing_alone(routing=routing):
+                return _routing_only(layer, hidden, routing, rope)
+
+            routed = measure(routed_layer, pair.device, warmup, repeats).median_s * 1e3
+            overhead = measure(routing_alone, pair.device, warmup, repeats).median_s * 1e3
             kept = preset.n_text + keep
             rows.append(LayerCostRow(ratio, kept, dense_ms, routed, overhead, flops(kept) / flops(preset.n_tokens)))
     return rows

@@ -14,7 +14,12 @@ from functools import cache
 import torch
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava.model import LlavaConfig, LlavaLlamaForCausalLM, PmodLlavaConfig, PmodLlavaLlamaForCausalLM
+from llava.model import (
+    LlavaConfig,
+    LlavaLlamaForCausalLM,
+    PmodLlavaConfig,
+    PmodLlavaLlamaForCausalLM,
+)
 from pmod.accounting import VICUNA_7B, ModelShape, VisionTowerShape
 from pmod.routing import TokenCounts
 
@@ -119,15 +124,16 @@ def build_pair(preset: BenchPreset, device: torch.device, dtype: torch.dtype, se
 
 def _config_kwargs(preset: BenchPreset) -> dict:
     llm, tower = preset.llm, preset.tower
-    kwargs = dict(
-        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-        num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
-        max_position_embeddings=4096, rms_norm_eps=1e-5, initializer_range=0.02, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=False, attn_implementation="sdpa", use_cache=True,
-        mm_vision_tower=tower.known_name or _small_tower_dir(tower), mm_hidden_size=tower.hidden_size,
-        mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-        mm_patch_merge_type="flat", image_aspect_ratio="pad", tokenizer_padding_side="right",
-    )
+    kwargs = {
+        "vocab_size": llm.vocab_size, "hidden_size": llm.hidden_size, "intermediate_size": llm.intermediate_size,
+        "num_hidden_layers": llm.num_layers, "num_attention_heads": llm.num_heads,
+        "num_key_value_heads": llm.num_kv_heads, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "initializer_range": 0.02, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": False, "attn_implementation": "sdpa", "use_cache": True,
+        "mm_vision_tower": tower.known_name or _small_tower_dir(tower), "mm_hidden_size": tower.hidden_size,
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad", "tokenizer_padding_side": "right",
+    }
     if preset.anyres:
         side = 2 * tower.image_size
         kwargs.update(image_aspect_ratio="anyres", mm_patch_merge_type="spatial", image_grid_pinpoints=[[side, side]])
@@ -157,7 +163,9 @@ def _default_dtype(dtype: torch.dtype):
 
 def _share_tensors(dense: torch.nn.Module, pmod: torch.nn.Module) -> None:
     """Point the meta-device dense model at the p-MoD model's parameters and buffers (names minus the wrapper)."""
-    parameters = {name.replace(".decoder_layer.", "."): p for name, p in pmod.named_parameters() if ".router." not in name}
+    parameters = {
+        name.replace(".decoder_layer.", "."): p for name, p in pmod.named_parameters() if ".router." not in name
+    }
     buffers = {name.replace(".decoder_layer.", "."): b for name, b in pmod.named_buffers()}
     for name, _ in list(dense.named_parameters()):
         _set_attribute(dense, name, parameters.pop(name), is_parameter=True)

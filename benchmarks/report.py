@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 
 import torch
@@ -24,7 +25,7 @@ def _number(value, digits: int = 3) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        if value != value:
+        if math.isnan(value):
             return "n/a"
         return f"{value:.{digits}g}" if abs(value) < 1e3 else f"{value:,.0f}"
     return str(value)
@@ -54,13 +55,13 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, "
-        f"CPU threads {env['cpu_threads']}; warm-up {result['settings']['warmup']}, "
-        f"median of {result['settings']['repeats']} repeats.",
+        (f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, "
+         f"CPU threads {env['cpu_threads']}; warm-up {result['settings']['warmup']}, "
+         f"median of {result['settings']['repeats']} repeats."),
         "",
-        f"Shapes: LLM {_llm(shapes['llm'])}; vision tower {_tower(shapes['tower'])}; {shapes['n_text']} text + "
-        f"{shapes['n_vision']} vision tokens ({shapes['n_tiles']} tile(s)); p-MoD schedule {shapes['schedule']}, "
-        f"beta {shapes['router_factor']} ({shapes['mod_layers']} p-MoD layers of {shapes['llm']['num_layers']}).",
+        (f"Shapes: LLM {_llm(shapes['llm'])}; vision tower {_tower(shapes['tower'])}; {shapes['n_text']} text + "
+         f"{shapes['n_vision']} vision tokens ({shapes['n_tiles']} tile(s)); p-MoD schedule {shapes['schedule']}, "
+         f"beta {shapes['router_factor']} ({shapes['mod_layers']} p-MoD layers of {shapes['llm']['num_layers']})."),
         "",
     ]
     if result.get("model"):

@@ -16,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+logger = logging.getLogger("benchmarks")
 PARTS = ("prefill", "full", "decode", "train", "kv", "layer", "attention")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         decode_batches=args.decode_batches,
     )
     parts = set(args.parts.split(","))
-    logging.info("building %s on %s in %s", preset.name, device, dtype)
+    logger.info("building %s on %s in %s", preset.name, device, dtype)
     pair = build_pair(preset, device, dtype)
     schedule = pair.pmod.get_model().schedule
     result = {
@@ -95,28 +96,28 @@ def main(argv=None) -> int:
     }
     rows = result["model"]
     if "prefill" in parts:
-        logging.info("prefill, LLM only")
+        logger.info("prefill, LLM only")
         rows.append(suite.prefill_llm(pair, settings))
     if "full" in parts:
-        logging.info("prefill, whole model")
+        logger.info("prefill, whole model")
         rows.append(suite.prefill_full(pair, settings))
     if "decode" in parts:
         for batch in settings.decode_batches:
-            logging.info("decode, batch %d", batch)
+            logger.info("decode, batch %d", batch)
             rows.extend(suite.decode(pair, settings, batch))
     if "train" in parts:
-        logging.info("training step")
+        logger.info("training step")
         rows.extend(suite.training_step(pair, settings))
     if "kv" in parts:
-        logging.info("KV cache")
+        logger.info("KV cache")
         result["kv_per_layer"] = suite.kv_cache(pair)
         rows.extend(suite.kv_rows(result["kv_per_layer"]))
     result["model"] = [row.as_dict() for row in rows]
     if "layer" in parts:
-        logging.info("layer cost vs kept tokens")
+        logger.info("layer cost vs kept tokens")
         result["layer_costs"] = [r.as_dict() for r in layer_costs.layer_costs(pair, settings.warmup, settings.repeats)]
     if "attention" in parts:
-        logging.info("padded vs packed layout")
+        logger.info("padded vs packed layout")
         batch = 8
         result["attention"] = {
             "batch": batch,
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
             "rows": [r.as_dict() for r in attention.compare_layouts(pair, settings.warmup, settings.repeats, batch)],
         }
     if args.check_syncs:
-        logging.info("sync check")
+        logger.info("sync check")
         result["sync_check"] = syncs.check_prefill_syncs(pair)
 
     text = report.markdown(result)

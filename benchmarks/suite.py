@@ -114,10 +114,10 @@ def decode(pair: ModelPair, settings: Settings, batch: int) -> list[Row]:
     for name, model in _models(pair):
         state = {}
 
-        def setup(model=model, name=name):
+        def setup(model=model, name=name, state=state):
             state["cache"], state["token"] = prefill_with_cache(model, inputs, name == "pmod")
 
-        def run(model=model):
+        def run(model=model, state=state):
             token, cache = state["token"], state["cache"]
             with torch.no_grad():
                 for _ in range(settings.decode_tokens):
