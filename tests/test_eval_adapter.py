@@ -158,7 +158,13 @@ def test_built_model_gives_the_same_answers_as_the_checkpoint(adapters):
                       batch_size=2)
     assert built.device == torch.device("cpu") and built.rank == 0 and built.world_size == 1
     requests = _mixed_requests()
-    assert _generate(built, requests, 2) == _generate(loaded, requests, 1)
+    reference = _generate(loaded, requests, 1)
+    loaded.model.train()  # as during training: answered in eval mode, handed back in train mode
+    try:
+        assert _generate(built, requests, 2) == reference
+        assert loaded.model.training
+    finally:
+        loaded.model.eval()
 
 
 @pytest.mark.parametrize("variant", ["pmod_pad", "pmod_anyres", "dense_pad"])

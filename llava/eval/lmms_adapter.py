@@ -63,7 +63,9 @@ class PmodLlava(lmms):
     `model_name`, `conv_template` (default vicuna_v1), `device`, `batch_size`, `attn_implementation`
     (default sdpa), `dtype` (auto, float16, bfloat16, float32), `log_efficiency` (write per-sample
     efficiency records), `efficiency_dir` (where; default: kept in memory only).
-    For evaluation during training pass `model`, `tokenizer` and `image_processor` instead of `pretrained`.
+    For evaluation during training pass `model`, `tokenizer` and `image_processor` instead of `pretrained`;
+    the model is put in eval mode while answering and given back in the mode it had. `max_batch_size` is
+    accepted (lmms-eval passes it) and ignored.
     """
 
     is_simple = True
@@ -175,6 +177,15 @@ class PmodLlava(lmms):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self._model.training
+        self._model.eval()
+        try:
+            yield
+        finally:
+            self._model.train(was_training)
+
     def _doc(self, task: str, split: str, doc_id: int):
         try:
             return self.task_dict[task][split][doc_id]
@@ -233,19 +244,25 @@ class PmodLlava(lmms):
         batches = list(plan_batches(pending, self.batch_size, group_key=lambda item: kwargs_key(item["gen_kwargs"]),
                                     length=lambda item: item["length"]))
         answered = []
-        for batch in tqdm(batches, disable=self.rank != 0, desc="pmod_llava generate"):
-            for _, item in batch:
-                item["visuals"] = self._visuals(item["doc_to_visual"], item["task"], item["split"], item["doc_id"])
-                item["ids"] = self._prompt_ids(item["context"], len(item["visuals"]))
-            # LLaVA's splicing wants image and text-only prompts in separate generate() calls.
-            for has_images in (True, False):
-                part = [(index, item) for index, item in batch if bool(item["visuals"]) == has_images]
-                if part:
-                    answers = self._generate_batch([item for _, item in part])
-                    answered.extend(zip([index for index, _ in part], answers))
-            for _, item in batch:
-                del item["visuals"]
+        with self._eval_mode():
+            for batch in tqdm(batches, disable=self.rank != 0, desc="pmod_llava generate"):
+                answered.extend(self._answer_batch(batch))
         return restore_order(len(requests), answered)
+
+    def _answer_batch(self, batch) -> List[Tuple[int, GenerationResult]]:
+        """Load the batch's images, then generate (image and text-only prompts in separate calls)."""
+        for _, item in batch:
+            item["visuals"] = self._visuals(item["doc_to_visual"], item["task"], item["split"], item["doc_id"])
+            item["ids"] = self._prompt_ids(item["context"], len(item["visuals"]))
+        answered = []
+        for has_images in (True, False):
+            part = [(index, item) for index, item in batch if bool(item["visuals"]) == has_images]
+            if part:
+                answers = self._generate_batch([item for _, item in part])
+                answered.extend(zip([index for index, _ in part], answers))
+        for _, item in batch:
+            del item["visuals"]
+        return answered
 
     @torch.inference_mode()
     def _generate_batch(self, items: List[Dict[str, Any]]) -> List[GenerationResult]:
@@ -286,17 +303,19 @@ class PmodLlava(lmms):
         self.efficiency.flush()
 
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
-        results = []
-        for request in tqdm(requests, disable=self.rank != 0, desc="pmod_llava loglikelihood"):
-            context, target, doc_to_visual, doc_id, task, split = request.args
-            continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
-            if isinstance(continuation, (list, tuple)):
-                continuation = continuation[0]
-            if not continuation:
-                raise ValueError(f"pmod_llava: empty continuation for task {task!r} doc {doc_id}")
-            visuals = self._visuals(doc_to_visual, task, split, doc_id)
-            results.append(self._continuation_logprob(context, str(continuation), visuals))
-        return results
+        with self._eval_mode():
+            return [self._loglikelihood_one(request)
+                    for request in tqdm(requests, disable=self.rank != 0, desc="pmod_llava loglikelihood")]
+
+    def _loglikelihood_one(self, request: Instance) -> Tuple[float, bool]:
+        context, target, doc_to_visual, doc_id, task, split = request.args
+        continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+        if isinstance(continuation, (list, tuple)):
+            continuation = continuation[0]
+        if not continuation:
+            raise ValueError(f"pmod_llava: empty continuation for task {task!r} doc {doc_id}")
+        visuals = self._visuals(doc_to_visual, task, split, doc_id)
+        return self._continuation_logprob(context, str(continuation), visuals)
 
     def _split_continuation(self, context: str, continuation: str, num_images: int) -> Tuple[List[int], List[int]]:
         """Token ids of the prompt and of the continuation, tokenized together as the model would see them."""
