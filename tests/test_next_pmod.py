@@ -141,4 +141,4 @@ def test_cached_greedy_generation_of_an_anyres_batch_equals_recomputation(tower,
     schedule = model.model.schedule
     for layer in schedule.mod_layers:
         kept = [n_text[b] + schedule.keep_count(layer, VISION_TOKENS[b]) for b in range(2)]
-        assert cache.compact_lengths[layer].tolist() == kept
+        assert cache.prefill_row_lengths(layer) == kept

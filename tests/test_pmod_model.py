@@ -204,7 +204,7 @@ def test_cached_greedy_generation_equals_recomputation(tower, beta):
     n_text = [len(p) - p.count(-200) for p in prompts]
     for layer in model.model.schedule.mod_layers:
         kept = [n_text[b] + model.model.schedule.keep_count(layer, n_vision[b]) for b in range(3)]
-        assert cache.compact_lengths[layer].tolist() == kept
+        assert cache.prefill_row_lengths(layer) == kept
         assert cache.layers[layer].get_seq_length() == max(kept) + 4  # the last new token is not fed back
 
 

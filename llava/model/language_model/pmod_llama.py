@@ -168,7 +168,10 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
                 layer_routing = LayerRouting(plan, target_mask, valid_mask, compact_mask)
                 hidden = layer(hidden, routing=layer_routing, position_ids=position_ids, **common)
                 if isinstance(past_key_values, PmodCache):
-                    past_key_values.record_compact_prefill(index, plan.kept_lengths_tensor, plan.max_kept_length)
+                    past_key_values.record_compact_prefill(
+                        index, plan.kept_lengths_tensor, plan.max_kept_length,
+                        uniform=min(plan.kept_lengths) == plan.max_kept_length,
+                    )
             elif isinstance(past_key_values, PmodCache) and past_key_values.is_compact(index):
                 layer_mask = create_causal_mask(
                     config=self.config, inputs_embeds=hidden,
