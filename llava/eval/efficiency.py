@@ -7,12 +7,11 @@ tokens per layer are what the p-MoD model reports for its last routed forward (`
 which equals the schedule's keep counts by construction; dense layers keep every vision token.
 """
 
-import contextlib
 import glob
 import json
 import logging
 import os
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -23,28 +22,6 @@ logger = logging.getLogger(__name__)
 
 RECORD_GLOB = "efficiency_rank*.jsonl"
 _KV_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-@contextlib.contextmanager
-def capture_token_counts(model) -> Iterator[List]:
-    """Collect the per-sample token counts (`pmod.routing.TokenCounts`) of every multimodal input preparation.
-
-    LLaVA splices a model-dependent number of vision tokens into each prompt (pad vs anyres, unpadding),
-    so the count is taken from the model's own preparation rather than recomputed here.
-    """
-    captured: List = []
-    original = model.prepare_multimodal_inputs
-
-    def recording(*args, **kwargs):
-        prepared = original(*args, **kwargs)
-        captured.append(prepared.counts)
-        return prepared
-
-    model.prepare_multimodal_inputs = recording
-    try:
-        yield captured
-    finally:
-        del model.prepare_multimodal_inputs
 
 
 def kept_vision_per_layer(model, sample: int, n_vision: int, schedule) -> List[int]:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.eval.batching import kwargs_key, plan_batches, restore_order
-from llava.eval.efficiency import EfficiencyLog, capture_token_counts, kept_vision_per_layer
+from llava.eval.efficiency import EfficiencyLog, kept_vision_per_layer
 from llava.eval.generation import plan_generation, truncate_at_stop_strings
 from llava.eval.prompting import build_prompt
 from llava.mm_utils import process_images, tokenizer_image_token
@@ -269,16 +269,14 @@ class PmodLlava(lmms):
         plan = plan_generation(items[0]["gen_kwargs"])
         input_ids, attention_mask = self._left_pad([item["ids"] for item in items])
         images, image_sizes = self._image_inputs([visual for item in items for visual in item["visuals"]])
-        with contextlib.ExitStack() as stack:
-            counts = stack.enter_context(capture_token_counts(self._model)) if self.efficiency is not None else None
-            output = self._model.generate(
-                input_ids, attention_mask=attention_mask, images=images, image_sizes=image_sizes,
-                pad_token_id=self._pad_token_id, use_cache=True, **plan.generate_kwargs)
+        output = self._model.generate(
+            input_ids, attention_mask=attention_mask, images=images, image_sizes=image_sizes,
+            pad_token_id=self._pad_token_id, use_cache=True, **plan.generate_kwargs)
         if images is None:  # text-only prompts: generate() returns prompt and answer
             output = output[:, input_ids.shape[1]:]
         rows = output.tolist()
         if self.efficiency is not None:
-            self._log_efficiency(items, rows, counts[0] if counts else None)
+            self._log_efficiency(items, rows, self._model.last_token_counts if images is not None else None)
         results = []
         for item, tokens in zip(items, rows):
             text = self._tokenizer.decode(tokens, skip_special_tokens=True)

@@ -101,6 +101,7 @@ class LlavaMetaForCausalLM:
     """Encodes images and splices them into `input_ids` at IMAGE_TOKEN_INDEX (-200)."""
 
     truncated_samples = 0
+    last_token_counts: TokenCounts | None = None  # of the last prepared batch (evaluation reads it)
 
     def get_vision_tower(self):
         return self.get_model().get_vision_tower()
@@ -206,9 +207,11 @@ class LlavaMetaForCausalLM:
         if next_image != len(image_features):
             raise ValueError(f"the batch has {len(image_features)} images but consumed only {next_image}")
         sequences, label_rows, target_rows = self._truncate(sequences, label_rows, target_rows)
-        return _pad_batch(
+        prepared = _pad_batch(
             sequences, label_rows, target_rows, padding_side or getattr(config, "tokenizer_padding_side", "right")
         )
+        self.last_token_counts = prepared.counts
+        return prepared
 
     def _truncate(self, sequences, label_rows, target_rows):
         limit = getattr(self.config, "tokenizer_model_max_length", None)
