@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import run_command
 
-from benchmarks.models import PRESETS, build_pair
+from benchmarks.models import PRESETS, build_pair, llm_inputs
 from benchmarks.run import parse_args
 from benchmarks.suite import kv_cache
 
@@ -91,6 +91,40 @@ def test_dense_twin_shares_the_pmod_weights():
     routed = pair.pmod.get_model().layers[index].decoder_layer.mlp.up_proj.weight
     assert pair.dense.get_model().layers[index].mlp.up_proj.weight is routed
     assert not any(t.is_meta for t in list(pair.dense.parameters()) + list(pair.dense.buffers()))
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub's offline switch is read at import; set it directly so a hub name never waits on the network."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-next-7b"])
+def test_gpu_presets_build_offline_at_7b_shapes(name, offline_hub):
+    """On the meta device: the built-in CLIP-L/336 config is used (no hub), and the shapes are Vicuna-7B's."""
+    pair = build_pair(PRESETS[name], torch.device("meta"), torch.bfloat16)
+    config = pair.pmod.config
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 11008, 32)
+    assert pair.pmod.get_model().vision_tower.config.image_size == 336
+    assert pair.pmod.dtype == torch.bfloat16
+    assert len(pair.pmod.get_model().schedule.mod_layers) == 24
+    llm_params = sum(p.numel() for n, p in pair.dense.named_parameters() if "vision_tower" not in n)
+    assert 6.7e9 < llm_params < 7.0e9
+
+
+def test_routed_prefill_reads_no_device_value_on_the_host():
+    """CPU stand-in for --check-syncs: on the meta device any data-dependent host read raises."""
+    from benchmarks.suite import new_cache
+
+    pair = build_pair(PRESETS["tiny"], torch.device("meta"), torch.float32)
+    inputs = llm_inputs(pair, 2)
+    with torch.no_grad():
+        out = pair.pmod(inputs_embeds=inputs.inputs_embeds, past_key_values=new_cache(pair.pmod, True),
+                        use_cache=True, logits_to_keep=1, **inputs.routing())
+    assert out.logits.shape == (2, 1, 1000) and out.logits.is_meta
 
 
 def test_bad_flags_name_the_flag(capsys):
