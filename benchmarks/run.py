@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.check_syncs and device.type != "cuda":
+        raise SystemExit(f"--check-syncs needs --device cuda (sync debug mode is CUDA-only), got {device}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset or ("tiny" if args.quick else "small-llava-next")]
