@@ -144,7 +144,7 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
 
-        plans = {}
+        plans, compact_masks = {}, {}  # compact masks depend only on the compact length (prefill: empty caches)
         if routing:
             valid_mask = torch.ones_like(mod_target_mask) if attention_mask is None else attention_mask.bool()
             target_mask = mod_target_mask.bool() & valid_mask
@@ -161,11 +161,12 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
                           use_cache=use_cache, **kwargs)
             if index in plans:
                 plan = plans[index]
-                compact_mask = create_causal_mask(
-                    config=self.config, inputs_embeds=hidden.new_empty(batch, plan.max_kept_length, 0),
-                    attention_mask=None, past_key_values=past_key_values, position_ids=None, layer_idx=index,
-                )
-                layer_routing = LayerRouting(plan, target_mask, valid_mask, compact_mask)
+                if plan.max_kept_length not in compact_masks:
+                    compact_masks[plan.max_kept_length] = create_causal_mask(
+                        config=self.config, inputs_embeds=hidden.new_empty(batch, plan.max_kept_length, 0),
+                        attention_mask=None, past_key_values=past_key_values, position_ids=None, layer_idx=index,
+                    )
+                layer_routing = LayerRouting(plan, target_mask, valid_mask, compact_masks[plan.max_kept_length])
                 hidden = layer(hidden, routing=layer_routing, position_ids=position_ids, **common)
                 if isinstance(past_key_values, PmodCache):
                     past_key_values.record_compact_prefill(
@@ -173,17 +174,24 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
                         uniform=min(plan.kept_lengths) == plan.max_kept_length,
                     )
             elif isinstance(past_key_values, PmodCache) and past_key_values.is_compact(index):
-                layer_mask = create_causal_mask(
-                    config=self.config, inputs_embeds=hidden,
-                    attention_mask=past_key_values.key_padding_mask(index, length),
-                    past_key_values=past_key_values, position_ids=None, layer_idx=index,
-                )
+                layer_mask = self._compact_cache_mask(past_key_values, index, hidden)
                 hidden = layer(hidden, attention_mask=layer_mask, position_ids=position_ids, **common)
             else:
                 hidden = layer(hidden, attention_mask=dense_mask, position_ids=position_ids, **common)
         if isinstance(past_key_values, PmodCache):
             past_key_values.seen_tokens = past_length + length
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+
+
+    def _compact_cache_mask(self, cache: PmodCache, index: int, hidden: torch.Tensor):
+        """Mask for new tokens attending to a compact layer's cache, whose rows may end at different slots."""
+        padding = cache.key_padding_mask(index, hidden.shape[1])
+        if padding is None and hidden.shape[1] == 1:
+            return None  # one query per row and no filler slots: every back-end attends to the whole cache
+        return create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=padding,
+            past_key_values=cache, position_ids=None, layer_idx=index,
+        )
 
 
 class PmodLlavaLlamaForCausalLM(LlavaForCausalLMMixin, LlamaForCausalLM):

@@ -43,28 +43,29 @@ def resolve_tower_path(name: str, search_dirs: tuple[str | Path, ...] = ()) -> s
 
 
 def load_tower_image_processor(path: str, image_size: int):
-    """The tower folder's image processor, or CLIP's defaults for a known hub tower that cannot be reached."""
-    try:
+    """The tower folder's image processor; for a known hub tower, a cached copy or CLIP's defaults."""
+    if path not in KNOWN_TOWERS:
         return load_image_processor(path)
+    try:
+        return load_image_processor(path, local_files_only=True)
     except OSError:
-        if path not in KNOWN_TOWERS:
-            raise
-    from transformers import CLIPImageProcessorPil
+        from transformers import CLIPImageProcessorPil
 
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3,
-    )
+        return CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3,
+        )
 
 
 def load_vision_config(path: str) -> CLIPVisionConfig:
-    try:
+    """The tower's config; for a known hub tower, a cached copy or the built-in one (no network wait)."""
+    if path not in KNOWN_TOWERS:
         return CLIPVisionConfig.from_pretrained(path)
+    try:
+        return CLIPVisionConfig.from_pretrained(path, local_files_only=True)
     except OSError:
-        if path in KNOWN_TOWERS:
-            logger.info("Using the built-in config of %s (hub not reachable)", path)
-            return CLIPVisionConfig(**KNOWN_TOWERS[path])
-        raise
+        logger.info("Using the built-in config of %s (no local copy)", path)
+        return CLIPVisionConfig(**KNOWN_TOWERS[path])
 
 
 class CLIPVisionTower(nn.Module):
