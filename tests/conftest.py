@@ -140,3 +140,24 @@ def run_command(cmd, env=None, timeout=600, expect_success=True) -> subprocess.C
 def run_train(args, env=None, **kwargs) -> subprocess.CompletedProcess:
     """``python -m llava.train.train <args>`` in a subprocess (the real entry point)."""
     return run_command([sys.executable, "-m", "llava.train.train", *args], env=env, **kwargs)
+
+
+def tiny_script_env(tiny_models, tiny_dataset, output_dir, **overrides) -> dict:
+    """Environment for the stage scripts (scripts/*.sh): tiny models, one process, fp32, two steps."""
+    settings = dict(
+        LAUNCHER="python",
+        PYTHON=sys.executable,
+        MODEL=tiny_models.llm,
+        VISION_TOWER=tiny_models.vision_tower,
+        IMAGE_FOLDER=tiny_dataset.image_folder,
+        OUTPUT_DIR=output_dir,
+        NUM_GPUS=1,
+        GLOBAL_BATCH=4,
+        PER_DEVICE_BATCH=2,
+        MAX_STEPS=2,
+        MODEL_MAX_LENGTH=256,
+        NUM_WORKERS=0,
+        PRECISION_FLAGS="--bf16 False --tf32 False",
+    )
+    settings.update(overrides)
+    return subprocess_env(**settings)

@@ -13,9 +13,8 @@ import sys
 
 import pytest
 import torch
-from conftest import run_command
+from conftest import run_command, tiny_script_env
 from safetensors.torch import load_file
-from test_train_scripts import tiny_script_env
 
 pytestmark = [
     pytest.mark.slow,

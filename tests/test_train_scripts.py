@@ -1,57 +1,18 @@
-"""The shell entry points with tiny overrides: pretrain.sh -> finetune.sh, finetune_pmod.sh, batch arithmetic."""
+"""The p-MoD stage-2 script with tiny overrides, and the scripts' batch and launcher checks.
+
+pretrain.sh and finetune.sh run in test_train_stages.py."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
-from conftest import run_command, subprocess_env
+from conftest import run_command, subprocess_env, tiny_script_env
 from safetensors.torch import load_file
 from test_train_stages import generate_once
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_script_env(tiny_models, tiny_dataset, output_dir, **overrides):
-    """Environment for the stage scripts: tiny models, one process, fp32, a couple of steps."""
-    settings = dict(
-        LAUNCHER="python",
-        PYTHON=sys.executable,
-        MODEL=tiny_models.llm,
-        VISION_TOWER=tiny_models.vision_tower,
-        IMAGE_FOLDER=tiny_dataset.image_folder,
-        OUTPUT_DIR=output_dir,
-        NUM_GPUS=1,
-        GLOBAL_BATCH=4,
-        PER_DEVICE_BATCH=2,
-        MAX_STEPS=2,
-        MODEL_MAX_LENGTH=256,
-        NUM_WORKERS=0,
-        PRECISION_FLAGS="--bf16 False --tf32 False",
-    )
-    settings.update(overrides)
-    return subprocess_env(**settings)
-
-
-def test_pretrain_then_finetune_scripts(tiny_models, tiny_dataset, tmp_path):
-    pretrain_dir, finetune_dir = tmp_path / "pretrain", tmp_path / "finetune"
-    result = run_command(["bash", "scripts/pretrain.sh"], env=tiny_script_env(
-        tiny_models, tiny_dataset, pretrain_dir, DATA_PATH=tiny_dataset.pretrain_json, GRADIENT_CHECKPOINTING="False",
-    ))
-    assert "global batch 4 = 1 GPUs x 2 x 2 accumulation (python)" in result.stderr
-    assert (pretrain_dir / "mm_projector.bin").is_file()
-    state = json.loads((pretrain_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == 2 and state["train_batch_size"] == 2
-
-    run_command(["bash", "scripts/finetune.sh"], env=tiny_script_env(
-        tiny_models, tiny_dataset, finetune_dir, DATA_PATH=tiny_dataset.instruct_json,
-        PRETRAIN_ADAPTER=pretrain_dir / "mm_projector.bin", GRAD_ACCUM=1,
-    ))
-    config = json.loads((finetune_dir / "config.json").read_text())
-    assert config["image_aspect_ratio"] == "pad" and config["mm_projector_type"] == "mlp2x_gelu"
-    assert (finetune_dir / "model.safetensors").is_file()
 
 
 def test_finetune_pmod_script_trains_routers_and_reloads(tiny_models, tiny_dataset, tmp_path):

@@ -1,4 +1,5 @@
-"""End-to-end training through ``python -m llava.train.train`` on tiny models: stage 1, stage 2, LoRA, resume."""
+"""End-to-end training on tiny models: stage 1 and stage 2 through scripts/pretrain.sh and scripts/finetune.sh
+(which run ``python -m llava.train.train``), LoRA and resuming through ``python -m llava.train.train`` itself."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_train
+from conftest import run_command, run_train, tiny_script_env
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -38,11 +39,14 @@ def tiny_flags(tiny_models, output_dir, max_steps=2, **overrides) -> list[str]:
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
-def stage1(tiny_models, tiny_dataset, output_dir, **overrides):
-    return run_train(tiny_flags(
-        tiny_models, output_dir, version="plain", tune_mm_mlp_adapter=True,
-        data_path=tiny_dataset.pretrain_json, image_folder=tiny_dataset.image_folder, **overrides,
-    ))
+@pytest.fixture(scope="module")
+def pretrain_run(tiny_models, tiny_dataset, tmp_path_factory):
+    """Stage 1 through scripts/pretrain.sh: 2 steps of global batch 4 (2 per device x 2 accumulation)."""
+    output_dir = tmp_path_factory.mktemp("pretrain-script") / "pretrain"
+    env = tiny_script_env(tiny_models, tiny_dataset, output_dir, DATA_PATH=tiny_dataset.pretrain_json,
+                          GRADIENT_CHECKPOINTING="False", SAVE_STEPS=1)
+    result = run_command(["bash", "scripts/pretrain.sh", "--save_total_limit", "2"], env=env)
+    return output_dir, result
 
 
 def stage2_flags(tiny_models, tiny_dataset, output_dir, **overrides):
@@ -81,31 +85,36 @@ def generate_once(model_dir, image_size=(48, 64)):
     return model, output
 
 
-def test_stage1_then_stage2_then_generate(tiny_models, tiny_dataset, tmp_path):
-    pretrain_dir = tmp_path / "pretrain"
-    stage1(tiny_models, tiny_dataset, pretrain_dir, save_strategy="steps", save_steps=1)
-
+def test_pretrain_script_saves_projector_and_checkpoints(pretrain_run):
+    pretrain_dir, result = pretrain_run
+    assert "global batch 4 = 1 GPUs x 2 x 2 accumulation (python)" in result.stderr
     projector = torch.load(pretrain_dir / "mm_projector.bin", weights_only=True)
     assert sorted(projector) == [f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
     assert json.loads((pretrain_dir / "config.json").read_text())["mm_projector_type"] == "mlp2x_gelu"
     assert not (pretrain_dir / "model.safetensors").exists(), "stage 1 saves the projector only"
-    checkpoint = pretrain_dir / "checkpoint-2"
-    assert (checkpoint / "mm_projector.bin").is_file() and (checkpoint / "optimizer.pt").is_file()
+    for step in (1, 2):
+        checkpoint = pretrain_dir / f"checkpoint-{step}"
+        assert (checkpoint / "mm_projector.bin").is_file() and (checkpoint / "optimizer.pt").is_file()
+    state = json.loads((pretrain_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["train_batch_size"] == 2
     assert sorted(log_losses(pretrain_dir)) == [1, 2]
 
+
+def test_finetune_script_from_stage1_then_generate(pretrain_run, tiny_models, tiny_dataset, tmp_path):
+    pretrain_dir, _ = pretrain_run
     finetune_dir = tmp_path / "finetune"
-    run_train(stage2_flags(
-        tiny_models, tiny_dataset, finetune_dir,
-        pretrain_mm_mlp_adapter=pretrain_dir / "mm_projector.bin", group_by_modality_length=True,
-        mm_projector_lr=1e-4,
-    ))
+    env = tiny_script_env(tiny_models, tiny_dataset, finetune_dir, DATA_PATH=tiny_dataset.instruct_json,
+                          PRETRAIN_ADAPTER=pretrain_dir / "mm_projector.bin", GRAD_ACCUM=1, LR="1e-3")
+    run_command(["bash", "scripts/finetune.sh", "--mm_projector_lr", "1e-4"], env=env)
+
     config = json.loads((finetune_dir / "config.json").read_text())
     assert config["use_cache"] is True and config["image_aspect_ratio"] == "pad"
-    assert config["mm_vision_tower"] == tiny_models.vision_tower
+    assert config["mm_vision_tower"] == tiny_models.vision_tower and config["mm_projector_lr"] == 1e-4
     assert (finetune_dir / "tokenizer_config.json").is_file()
     weights = load_file(finetune_dir / "model.safetensors")
     base = load_file(Path(tiny_models.llm) / "model.safetensors")
     tower = load_file(Path(tiny_models.vision_tower) / "model.safetensors")
+    projector = torch.load(pretrain_dir / "mm_projector.bin", weights_only=True)
     assert not torch.equal(weights["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
     tower_key = next(k for k in tower if k.endswith("encoder.layers.0.mlp.fc1.weight"))
     saved_tower = [v for k, v in weights.items() if k.startswith("model.vision_tower.") and k.endswith(tower_key)]
@@ -155,14 +164,14 @@ def test_resume_continues_steps_and_losses(tiny_models, tiny_dataset, tmp_path):
         assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-4, abs=1e-5)
 
 
-def test_stage1_resume_restores_the_projector(tiny_models, tiny_dataset, tmp_path):
-    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    stage1(tiny_models, tiny_dataset, full_dir, save_strategy="steps", save_steps=1)
-    assert sorted(p.name for p in full_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-
+def test_stage1_resume_restores_the_projector(pretrain_run, tiny_models, tiny_dataset, tmp_path):
+    full_dir, _ = pretrain_run
+    resumed_dir = tmp_path / "resumed"
     shutil.copytree(full_dir / "checkpoint-1", resumed_dir / "checkpoint-1")
-    stage1(tiny_models, tiny_dataset, resumed_dir, save_strategy="steps", save_steps=1,
-           resume_from_checkpoint=resumed_dir / "checkpoint-1")
+    env = tiny_script_env(tiny_models, tiny_dataset, resumed_dir, DATA_PATH=tiny_dataset.pretrain_json,
+                          GRADIENT_CHECKPOINTING="False", SAVE_STEPS=1)
+    run_command(["bash", "scripts/pretrain.sh", "--resume_from_checkpoint", resumed_dir / "checkpoint-1"], env=env)
+
     assert sorted(log_losses(resumed_dir)) == [1, 2]
     full = torch.load(full_dir / "mm_projector.bin", weights_only=True)
     resumed = torch.load(resumed_dir / "mm_projector.bin", weights_only=True)
