@@ -1,6 +1,7 @@
-# Shared by pretrain.sh / finetune.sh / finetune_pmod.sh (sourced, not run): GPU count, gradient accumulation
-# that keeps the global batch constant, and the launcher (deepspeed, torchrun or python).
-# Expects GLOBAL_BATCH and PER_DEVICE_BATCH to be set by the caller.
+# Shared by the stage scripts (sourced, not run): GPU count, gradient accumulation that keeps the global batch
+# constant, the launcher (deepspeed, torchrun or python), and `common_flags`, the optimisation and bookkeeping
+# flags every LLaVA recipe passes the same way. Expects GLOBAL_BATCH, PER_DEVICE_BATCH, OUTPUT_DIR, LR and
+# SAVE_STEPS from the caller; the other variables below default to the LLaVA-1.5 values.
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,6 +20,40 @@ if [[ -z "${GRAD_ACCUM:-}" ]]; then
     fi
     GRAD_ACCUM=$(( GLOBAL_BATCH / per_step ))
 fi
+
+EPOCHS=${EPOCHS:-1}
+MAX_STEPS=${MAX_STEPS:--1}
+MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-2048}
+PRECISION_FLAGS=${PRECISION_FLAGS:---bf16 True --tf32 True}
+GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}
+NUM_WORKERS=${NUM_WORKERS:-4}
+REPORT_TO=${REPORT_TO:-none}
+ATTN_IMPL=${ATTN_IMPL:-auto}
+read -r -a precision_flags <<< "$PRECISION_FLAGS"
+common_flags=(
+    "${precision_flags[@]}"
+    --output_dir "$OUTPUT_DIR"
+    --num_train_epochs "$EPOCHS"
+    --max_steps "$MAX_STEPS"
+    --per_device_train_batch_size "$PER_DEVICE_BATCH"
+    --per_device_eval_batch_size 4
+    --gradient_accumulation_steps "$GRAD_ACCUM"
+    --eval_strategy no
+    --save_strategy steps
+    --save_steps "$SAVE_STEPS"
+    --save_total_limit 1
+    --learning_rate "$LR"
+    --weight_decay 0.
+    --warmup_steps 0.03
+    --lr_scheduler_type cosine
+    --logging_steps 1
+    --model_max_length "$MODEL_MAX_LENGTH"
+    --gradient_checkpointing "$GRADIENT_CHECKPOINTING"
+    --dataloader_num_workers "$NUM_WORKERS"
+    --lazy_preprocess True
+    --report_to "$REPORT_TO"
+    --attn_implementation "$ATTN_IMPL"
+)
 
 # DeepSpeed config: the stage's default with the deepspeed launcher, none with the others unless DS_CONFIG is set.
 ds_flags=()

@@ -41,6 +41,10 @@ def base_argv(tiny_models, tiny_dataset, tmp_path, *extra):
         (["--tune_mm_mlp_adapter", "True", "--lora_enable", "True"], "--lora_enable"),
         (["--pretrain_mm_mlp_adapter", "/no/such/mm_projector.bin"], "--pretrain_mm_mlp_adapter"),
         (["--mm_use_im_start_end", "True"], "--mm_use_im_start_end"),
+        (["--image_aspect_ratio", "letterbox"], "--image_aspect_ratio"),
+        (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "flat"], "--mm_patch_merge_type"),
+        (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad", "--max_num_sub_images", "6"],
+         "--max_num_sub_images"),
     ],
 )
 def test_bad_flags_are_rejected_before_a_model_is_built(no_model_build, tiny_models, tiny_dataset, tmp_path,

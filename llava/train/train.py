@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers.utils import is_flash_attn_2_available
 
 from llava.conversation import get_conv_template
-from llava.mm_utils import anyres_grid_pinpoints
+from llava.mm_utils import anyres_grid_pinpoints, is_anyres
 from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM  # also registers the config types
 from llava.train.dataset import make_supervised_data_module
 from llava.train.llava_trainer import (
@@ -150,6 +150,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ValueError("--tune_mm_mlp_adapter needs --vision_tower")
     if model_args.pretrain_mm_mlp_adapter and not os.path.isfile(model_args.pretrain_mm_mlp_adapter):
         raise ValueError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter!r} is not a file")
+    _validate_image_args(model_args, data_args)
     config = _load_llm_config(model_args, training_args)
     if model_args.mod_enabled:
         _validate_mod_args(model_args, config)
@@ -178,6 +179,18 @@ def _load_llm_config(model_args: ModelArguments, training_args: TrainingArgument
         return transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
     except (OSError, ValueError) as err:
         raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r}: cannot read its config ({err})") from err
+
+
+def _validate_image_args(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """AnyRes needs the spatial_unpad merge and a supported tile budget; other aspect modes are square / pad."""
+    if not is_anyres(data_args.image_aspect_ratio):
+        _check_choice("--image_aspect_ratio", data_args.image_aspect_ratio, ("square", "pad", "anyres", "anyres_max_N"))
+        return
+    merge = model_args.mm_patch_merge_type
+    if not (merge.startswith("spatial") and "unpad" in merge):
+        raise ValueError(f"--image_aspect_ratio {data_args.image_aspect_ratio} needs --mm_patch_merge_type "
+                         f"spatial_unpad, got {merge!r}")
+    anyres_grid_pinpoints(data_args.max_num_sub_images, 1)
 
 
 def _validate_mod_args(model_args: ModelArguments, config) -> None:
