@@ -126,10 +126,14 @@ def test_finetune_script_from_stage1_then_generate(pretrain_run, tiny_models, ti
     assert output.shape[0] == 1 and 1 <= output.shape[1] <= 3
 
 
-def test_lora_trains_adapter_and_saves_merged_model(tiny_models, tiny_dataset, tmp_path):
-    output_dir = tmp_path / "lora"
-    run_train(stage2_flags(tiny_models, tiny_dataset, output_dir, lora_enable=True, lora_r=4, lora_alpha=8,
-                           mm_projector_lr=1e-4, gradient_checkpointing=True))
+def test_lora_trains_adapter_saves_merged_model_and_resumes(tiny_models, tiny_dataset, tmp_path):
+    output_dir, resumed_dir = tmp_path / "lora", tmp_path / "lora-resumed"
+    lora = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, mm_projector_lr=1e-4,
+                gradient_checkpointing=True, save_strategy="steps", save_steps=1)
+    run_train(stage2_flags(tiny_models, tiny_dataset, output_dir, **lora))
+    assert (output_dir / "checkpoint-1" / "non_lora_trainables.safetensors").is_file()
+    shutil.copytree(output_dir / "checkpoint-1", resumed_dir / "checkpoint-1")
+    run_train(stage2_flags(tiny_models, tiny_dataset, resumed_dir, **lora, resume_from_checkpoint=True))
 
     adapter_dir = output_dir / "lora_adapter"
     lora_keys = [k for k in load_file(adapter_dir / "adapter_model.safetensors") if "lora_A" in k]
@@ -144,6 +148,10 @@ def test_lora_trains_adapter_and_saves_merged_model(tiny_models, tiny_dataset, t
     key = "model.layers.1.self_attn.q_proj.weight"
     assert merged[key].shape == base[key].shape and not torch.equal(merged[key], base[key])
     assert torch.equal(merged["lm_head.weight"], base["lm_head.weight"]), "lm_head is neither LoRA-wrapped nor trained"
+
+    resumed = load_file(resumed_dir / "model.safetensors")
+    for name in (key, "model.mm_projector.0.weight"):
+        torch.testing.assert_close(resumed[name], merged[name], rtol=1e-5, atol=1e-6)
 
     _, output = generate_once(output_dir)
     assert output.shape[0] == 1 and output.shape[1] >= 1
