@@ -129,7 +129,6 @@ def flags_only(monkeypatch):
         (["--image_aspect_ratio", "any_res"], "--image_aspect_ratio"),
     ],
 )
-@pytest.mark.xfail(strict=True, reason="llava/train/train.py validate_args does not check the AnyRes flags yet")
 def test_bad_anyres_flags_are_rejected_before_a_model_is_built(flags_only, tiny_models, tiny_dataset, tmp_path,
                                                                extra, flag):
     from llava.train.train import train
