@@ -98,7 +98,7 @@ def plot_kept_tokens(image, grids: Sequence[TokenGrid], kept_by_layer: Mapping[i
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    return _save(figure, out_path)
+    return _save(figure, out_path, panels=len(grids) * columns)
 
 
 def plot_keep_map(kept_by_layer: Mapping[int, np.ndarray], out_path: str | Path, title: str | None = None,
@@ -118,12 +118,13 @@ def plot_keep_map(kept_by_layer: Mapping[int, np.ndarray], out_path: str | Path,
     if title:
         axis.set_title(title, fontsize=9)
     figure.tight_layout()
-    return _save(figure, out_path)
+    return _save(figure, out_path, panels=1)
 
 
-def _save(figure, out_path) -> Path:
+def _save(figure, out_path, panels: int) -> Path:
+    """Write the PNG; its text chunk `Panels` says how many image panels it holds (for tools and tests)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=110)
+    figure.savefig(out_path, dpi=110, metadata={"Panels": str(panels)})
     _pyplot().close(figure)
     return out_path

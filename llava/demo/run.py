@@ -52,10 +52,24 @@ class Scale:
 SCALES = {
     "tiny": Scale(num_train=32, num_eval=16, image_size=56, llm_layers=4, llm_hidden=64, clip_hidden=32, batch=4,
                   stage1_steps=2, stage2_steps=3, stage1_lr=1e-3, stage2_lr=1e-3, eval_batch=8, figure_images=1),
-    "full": Scale(num_train=3000, num_eval=400, image_size=84, llm_layers=6, llm_hidden=256, clip_hidden=64,
-                  batch=16, stage1_steps=60, stage2_steps=300, stage1_lr=1e-3, stage2_lr=1e-3, eval_batch=16,
+    "full": Scale(num_train=3000, num_eval=400, image_size=112, llm_layers=6, llm_hidden=128, clip_hidden=64,
+                  batch=16, stage1_steps=60, stage2_steps=400, stage1_lr=1e-3, stage2_lr=1e-3, eval_batch=16,
                   figure_images=4),
 }
+
+
+def scale_with_overrides(name: str, overrides: list[str]) -> Scale:
+    """The preset `name` with `KEY=VALUE` overrides of its fields (e.g. `stage2_steps=600`)."""
+    values = asdict(SCALES[name])
+    for override in overrides:
+        key, separator, text = override.partition("=")
+        if not separator or key not in values:
+            raise ValueError(f"--set {override!r}: expected KEY=VALUE with KEY one of {', '.join(values)}")
+        try:
+            values[key] = type(values[key])(text)
+        except ValueError:
+            raise ValueError(f"--set {override!r}: {key} needs a {type(values[key]).__name__}") from None
+    return Scale(**values)
 
 
 def stage_header(title: str) -> None:
@@ -118,9 +132,9 @@ def evaluate(out: Path, checkpoint: Path, task_folder: Path, scale: Scale, name:
     return output_dir, seconds
 
 
-def run_demo(out: Path, scale_name: str, seed: int = 0) -> dict:
+def run_demo(out: Path, scale_name: str, seed: int = 0, overrides: list[str] = ()) -> dict:
     """Every stage of the demo; returns the report (also written to `out/report.md` and `out/report.json`)."""
-    scale = SCALES[scale_name]
+    scale = scale_with_overrides(scale_name, list(overrides))
     out = out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -181,9 +195,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=os.environ.get("DEMO_DIR", "demo_output"),
                         help="output folder (default demo_output, or $DEMO_DIR)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model weights")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one size of the preset, e.g. --set stage2_steps=600 (repeatable)")
     args = parser.parse_args(argv)
+    try:
+        scale_with_overrides(args.scale, args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_demo(Path(args.out), args.scale, args.seed)
+    run_demo(Path(args.out), args.scale, args.seed, args.overrides)
 
 
 if __name__ == "__main__":
