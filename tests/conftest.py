@@ -24,6 +24,8 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
 }
+# The tests never reach a hub: fail fast instead of retrying the network.
+os.environ.update(OFFLINE_ENV)
 
 
 def pytest_collection_modifyitems(config, items):

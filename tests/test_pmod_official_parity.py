@@ -7,6 +7,9 @@ LLaVA-1.5 mode (case A) and LLaVA-NeXT anyres mode (case B), float32, batch 1.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,13 +119,19 @@ def test_dense_logits_without_routing(case):
     )
 
 
-def test_auto_model_loads_official_layout():
-    import llava  # noqa: F401  (registers the model types)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(FIXTURES / CASES["A"], dtype=torch.float32)
-    assert type(model).__name__ == "PmodLlavaLlamaForCausalLM"
-    state = model.state_dict()
-    assert "model.layers.8.decoder_layer.self_attn.q_proj.weight" in state
-    assert "model.layers.8.router.router.bias" in state
-    assert "model.layers.7.self_attn.q_proj.weight" in state
+def test_auto_model_loads_official_layout_after_importing_llava():
+    """In a fresh interpreter: `import llava` is all AutoModelForCausalLM needs."""
+    script = (
+        "import sys, torch, llava\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+        "state = model.state_dict()\n"
+        "print(type(model).__name__, 'model.layers.8.decoder_layer.self_attn.q_proj.weight' in state,\n"
+        "      'model.layers.8.router.router.bias' in state, 'model.layers.7.self_attn.q_proj.weight' in state)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(FIXTURES / CASES["A"])],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-4:] == ["PmodLlavaLlamaForCausalLM", "True", "True", "True"]
