@@ -302,3 +302,14 @@ def test_opt_in_finite_check_names_the_layer(monkeypatch):
         monkeypatch.setenv("PMOD_CHECK_FINITE", "1")
         with pytest.raises(FloatingPointError, match=f"p-MoD layer {model.model.schedule.mod_layers[0]} "):
             model(inputs_embeds=embeds, mod_target_mask=targets, use_cache=False)
+
+
+def test_bfloat16_training_step_routes_and_reaches_the_routers(tower):
+    model = build_pmod(tower).to(torch.bfloat16).train()
+    ids, mask = right_padded(mixed_prompts())
+    labels = ids.masked_fill(~mask | (ids < 0), -100)
+    loss = model(input_ids=ids, attention_mask=mask, images=images_for(mixed_prompts()).bfloat16(), labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    router = model.model.layers[model.model.schedule.mod_layers[0]].router.router.weight
+    assert router.grad is not None and router.grad.dtype == torch.bfloat16 and router.grad.abs().sum() > 0
