@@ -8,9 +8,9 @@ matplotlib is imported inside the drawing functions, so importing this module co
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

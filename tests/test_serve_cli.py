@@ -54,7 +54,7 @@ def test_cli_answers_a_scripted_conversation_from_stdin(checkpoint, image_file, 
         [sys.executable, "-m", "llava.serve.cli", "--model-path", checkpoint, "--image-file", str(image_file),
          "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"],
         input="What color is the square?\nAnd where is it?\n", cwd=REPO_ROOT, env=subprocess_env(),
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("USER: ") == 3  # two turns, then end of input
     assert result.stdout.count("ASSISTANT: ") == 2

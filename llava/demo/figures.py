@@ -20,7 +20,12 @@ from PIL import Image
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.eval.prompting import build_prompt
-from llava.mm_utils import get_anyres_image_grid_shape, is_anyres, process_images, tokenizer_image_token
+from llava.mm_utils import (
+    get_anyres_image_grid_shape,
+    is_anyres,
+    process_images,
+    tokenizer_image_token,
+)
 from pmod.layer import PmodDecoderLayer
 from pmod.routing import select_tokens
 from pmod.visualize import TokenGrid, plot_keep_map, plot_kept_tokens

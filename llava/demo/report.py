@@ -88,6 +88,10 @@ def _ratio(value: float, reference: float) -> str:
     return f"{100.0 * value / reference:.0f}%" if reference else "-"
 
 
+def _counts(result: ModelResult) -> str:
+    return " ".join(f"{value:.0f}" for value in result.mean_kept_vision_per_layer)
+
+
 def build_report(results: list[ModelResult], scale_name: str, scale: dict, timings: dict,
                  figures: list[str]) -> dict:
     """{"markdown": the table as text, "data": everything as json-ready values}."""
@@ -104,18 +108,16 @@ def build_report(results: list[ModelResult], scale_name: str, scale: dict, timin
         "|---|---|---|---|",
         *rows,
         f"| lmms-eval {METRIC} (%) | | {dense.lmms_eval_score:.1f} | {pmod.lmms_eval_score:.1f} |",
-        f"| LLM prefill TFLOPs per sample | | {dense.mean_tflops:.3g} | {pmod.mean_tflops:.3g} "
-        f"({_ratio(pmod.mean_tflops, dense.mean_tflops)}) |",
-        f"| KV cache per sample (KiB) | | {dense.mean_kv_cache_bytes / kib:.1f} | "
-        f"{pmod.mean_kv_cache_bytes / kib:.1f} ({_ratio(pmod.mean_kv_cache_bytes, dense.mean_kv_cache_bytes)}) |",
-        "| vision tokens kept per layer | | "
-        + " ".join(f"{v:.0f}" for v in dense.mean_kept_vision_per_layer) + " | "
-        + " ".join(f"{v:.0f}" for v in pmod.mean_kept_vision_per_layer) + " |",
+        (f"| LLM prefill TFLOPs per sample | | {dense.mean_tflops:.3g} | {pmod.mean_tflops:.3g} "
+         f"({_ratio(pmod.mean_tflops, dense.mean_tflops)}) |"),
+        (f"| KV cache per sample (KiB) | | {dense.mean_kv_cache_bytes / kib:.1f} | "
+         f"{pmod.mean_kv_cache_bytes / kib:.1f} ({_ratio(pmod.mean_kv_cache_bytes, dense.mean_kv_cache_bytes)}) |"),
+        f"| vision tokens kept per layer | | {_counts(dense)} | {_counts(pmod)} |",
         f"| stage-2 training wall time (s) | | {dense.train_seconds:.0f} | {pmod.train_seconds:.0f} |",
         f"| evaluation wall time (s) | | {dense.eval_seconds:.0f} | {pmod.eval_seconds:.0f} |",
         "",
-        f"Setup {timings.get('setup', 0):.0f} s, stage 1 {timings.get('stage1', 0):.0f} s. "
-        "TFLOPs and KV cache: LLM prefill of one held-out sample (pmod.accounting), means over samples.",
+        (f"Setup {timings.get('setup', 0):.0f} s, stage 1 {timings.get('stage1', 0):.0f} s. "
+        "TFLOPs and KV cache: LLM prefill of one held-out sample (pmod.accounting), means over samples."),
     ]
     if figures:
         lines += ["", "Token-selection figures (p-MoD model):", *[f"- {path}" for path in figures]]

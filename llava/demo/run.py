@@ -95,7 +95,12 @@ def run_logged(command: list[str], env: dict, log_file: Path) -> float:
 
 def build_models(root: Path, scale: Scale, seed: int):
     """The tiny tokenizer + Llama and CLIP tower of this scale (random, seeded, built offline)."""
-    from llava.tiny_models import TinyModelPaths, build_tiny_clip, build_tiny_llama, build_tiny_tokenizer
+    from llava.tiny_models import (
+        TinyModelPaths,
+        build_tiny_clip,
+        build_tiny_llama,
+        build_tiny_tokenizer,
+    )
 
     paths = TinyModelPaths(llm=str(root / "tiny-llama"), vision_tower=str(root / "tiny-clip"))
     tokenizer = build_tiny_tokenizer(paths.llm)

@@ -14,7 +14,12 @@ import torch
 from transformers import TextStreamer
 
 from llava.conversation import get_conv_template
-from llava.eval.run_llava import generate_reply, load_image, place_images, sampling_kwargs
+from llava.eval.run_llava import (
+    generate_reply,
+    load_image,
+    place_images,
+    sampling_kwargs,
+)
 
 
 def chat(model, tokenizer, image_processor, image, conv_mode: str, generate_kwargs: dict,
