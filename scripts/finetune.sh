@@ -19,18 +19,8 @@ SAVE_STEPS=${SAVE_STEPS:-50000}
 DEFAULT_DS_CONFIG=scripts/zero3.json
 source "$(dirname "${BASH_SOURCE[0]}")/train_launcher.sh"
 
+set_stage2_flags
 launch_train \
-    --model_name_or_path "$MODEL" \
-    --version v1 \
-    --data_path "$DATA_PATH" \
-    --image_folder "$IMAGE_FOLDER" \
-    --vision_tower "$VISION_TOWER" \
-    --pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER" \
-    --mm_projector_type mlp2x_gelu \
-    --mm_vision_select_layer -2 \
-    --mm_use_im_start_end False \
-    --mm_use_im_patch_token False \
-    --image_aspect_ratio "$IMAGE_ASPECT_RATIO" \
-    --group_by_modality_length True \
+    "${stage2_flags[@]}" \
     "${common_flags[@]}" \
     "$@"

@@ -15,56 +15,18 @@ OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-next-7b}
 GLOBAL_BATCH=${GLOBAL_BATCH:-128}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}
 LR=${LR:-2e-5}
-EPOCHS=${EPOCHS:-1}
-MAX_STEPS=${MAX_STEPS:--1}
 MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-4096}
 IMAGE_ASPECT_RATIO=${IMAGE_ASPECT_RATIO:-anyres}
 MAX_NUM_SUB_IMAGES=${MAX_NUM_SUB_IMAGES:-4}
 MM_PATCH_MERGE_TYPE=${MM_PATCH_MERGE_TYPE:-spatial_unpad}
-PRECISION_FLAGS=${PRECISION_FLAGS:---bf16 True --tf32 True}
-GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}
-NUM_WORKERS=${NUM_WORKERS:-4}
 SAVE_STEPS=${SAVE_STEPS:-50000}
-REPORT_TO=${REPORT_TO:-none}
 DEFAULT_DS_CONFIG=scripts/zero3.json
 source "$(dirname "${BASH_SOURCE[0]}")/train_launcher.sh"
 
-# shellcheck disable=SC2086
+set_stage2_flags
 launch_train \
-    --model_name_or_path "$MODEL" \
-    --version v1 \
-    --data_path "$DATA_PATH" \
-    --image_folder "$IMAGE_FOLDER" \
-    --vision_tower "$VISION_TOWER" \
-    --pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER" \
-    --mm_projector_type mlp2x_gelu \
-    --mm_vision_select_layer -2 \
-    --mm_use_im_start_end False \
-    --mm_use_im_patch_token False \
-    --image_aspect_ratio "$IMAGE_ASPECT_RATIO" \
+    "${stage2_flags[@]}" \
     --max_num_sub_images "$MAX_NUM_SUB_IMAGES" \
     --mm_patch_merge_type "$MM_PATCH_MERGE_TYPE" \
-    --group_by_modality_length True \
-    $PRECISION_FLAGS \
-    --output_dir "$OUTPUT_DIR" \
-    --num_train_epochs "$EPOCHS" \
-    --max_steps "$MAX_STEPS" \
-    --per_device_train_batch_size "$PER_DEVICE_BATCH" \
-    --per_device_eval_batch_size 4 \
-    --gradient_accumulation_steps "$GRAD_ACCUM" \
-    --eval_strategy no \
-    --save_strategy steps \
-    --save_steps "$SAVE_STEPS" \
-    --save_total_limit 1 \
-    --learning_rate "$LR" \
-    --weight_decay 0. \
-    --warmup_steps 0.03 \
-    --lr_scheduler_type cosine \
-    --logging_steps 1 \
-    --model_max_length "$MODEL_MAX_LENGTH" \
-    --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
-    --dataloader_num_workers "$NUM_WORKERS" \
-    --lazy_preprocess True \
-    --report_to "$REPORT_TO" \
-    --attn_implementation "${ATTN_IMPL:-auto}" \
+    "${common_flags[@]}" \
     "$@"

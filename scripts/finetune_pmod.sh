@@ -16,34 +16,13 @@ GLOBAL_BATCH=${GLOBAL_BATCH:-128}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-4}
 LR=${LR:-2e-5}
 IMAGE_ASPECT_RATIO=${IMAGE_ASPECT_RATIO:-pad}
-MOD_TARGET_LAYERS=${MOD_TARGET_LAYERS:-shiftedcos_decay_0.85_0.15}
-MOD_TARGET_TOKEN_TYPE=${MOD_TARGET_TOKEN_TYPE:-vision_all}
-MOD_ROUTER_FACTOR=${MOD_ROUTER_FACTOR:-0.5}
-MOD_WEIGHT_NORM=${MOD_WEIGHT_NORM:-tanh_0.2_1}
-MOD_BIAS_ENABLED=${MOD_BIAS_ENABLED:-True}
-MOD_SPECIAL_INIT=${MOD_SPECIAL_INIT:-True}
 SAVE_STEPS=${SAVE_STEPS:-100}
 DEFAULT_DS_CONFIG=scripts/zero2.json
 source "$(dirname "${BASH_SOURCE[0]}")/train_launcher.sh"
 
+set_stage2_flags
 launch_train \
-    --model_name_or_path "$MODEL" \
-    --version v1 \
-    --data_path "$DATA_PATH" \
-    --image_folder "$IMAGE_FOLDER" \
-    --vision_tower "$VISION_TOWER" \
-    --pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER" \
-    --mm_projector_type mlp2x_gelu \
-    --mm_vision_select_layer -2 \
-    --mm_use_im_start_end False \
-    --mm_use_im_patch_token False \
-    --image_aspect_ratio "$IMAGE_ASPECT_RATIO" \
-    --group_by_modality_length True \
-    --mod_target_layers "$MOD_TARGET_LAYERS" \
-    --mod_target_token_type "$MOD_TARGET_TOKEN_TYPE" \
-    --mod_router_factor "$MOD_ROUTER_FACTOR" \
-    --mod_weight_norm "$MOD_WEIGHT_NORM" \
-    --mod_bias_enabled "$MOD_BIAS_ENABLED" \
-    --mod_special_init "$MOD_SPECIAL_INIT" \
+    "${stage2_flags[@]}" \
+    "${pmod_flags[@]}" \
     "${common_flags[@]}" \
     "$@"

@@ -73,5 +73,39 @@ launch_train() {
         *) echo "LAUNCHER must be deepspeed, torchrun or python; got '$LAUNCHER'" >&2; exit 2 ;;
     esac
     echo "global batch $(( NUM_GPUS * PER_DEVICE_BATCH * GRAD_ACCUM )) = $NUM_GPUS GPUs x $PER_DEVICE_BATCH x $GRAD_ACCUM accumulation ($LAUNCHER)" >&2
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then  # print the command instead of running it
+        printf '%q ' "${cmd[@]}" "${ds_flags[@]}" "$@"
+        echo
+        return 0
+    fi
     "${cmd[@]}" "${ds_flags[@]}" "$@"
 }
+
+# Stage-2 model and data flags shared by the finetune*.sh recipes. Call after setting MODEL, DATA_PATH,
+# IMAGE_FOLDER, VISION_TOWER, PRETRAIN_ADAPTER and IMAGE_ASPECT_RATIO; fills the array `stage2_flags`.
+set_stage2_flags() {
+    stage2_flags=(
+        --model_name_or_path "$MODEL"
+        --version v1
+        --data_path "$DATA_PATH"
+        --image_folder "$IMAGE_FOLDER"
+        --vision_tower "$VISION_TOWER"
+        --pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER"
+        --mm_projector_type mlp2x_gelu
+        --mm_vision_select_layer -2
+        --mm_use_im_start_end False
+        --mm_use_im_patch_token False
+        --image_aspect_ratio "$IMAGE_ASPECT_RATIO"
+        --group_by_modality_length True
+    )
+}
+
+# The official p-MoD flags; defaults are the paper's recipe (finetune_pmod*.sh pass them).
+pmod_flags=(
+    --mod_target_layers "${MOD_TARGET_LAYERS:-shiftedcos_decay_0.85_0.15}"
+    --mod_target_token_type "${MOD_TARGET_TOKEN_TYPE:-vision_all}"
+    --mod_router_factor "${MOD_ROUTER_FACTOR:-0.5}"
+    --mod_weight_norm "${MOD_WEIGHT_NORM:-tanh_0.2_1}"
+    --mod_bias_enabled "${MOD_BIAS_ENABLED:-True}"
+    --mod_special_init "${MOD_SPECIAL_INIT:-True}"
+)

@@ -4,12 +4,12 @@ loader; and the recipe both NeXT scripts encode."""
 from __future__ import annotations
 
 import json
-import re
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run_command, subprocess_env, write_tiny_llava_dataset
+from conftest import run_command, subprocess_env, write_tiny_llava_dataset
 from PIL import Image
 from safetensors.torch import load_file
 from test_train_stages import generate_once
@@ -61,38 +61,43 @@ def test_pmod_next_script_trains_anyres_and_reloads(tiny_models, tmp_path):
     assert output.shape[0] == 1 and output.shape[1] >= 1
 
 
-def script_flags(name: str) -> dict[str, str]:
-    """A script's variable defaults (`${VAR:-default}`, `${VAR-default}`, `VAR=value`) and its literal flags."""
-    text = (REPO_ROOT / "scripts" / name).read_text()
-    defaults = dict(re.findall(r"^(\w+)=\$\{\1:?-(.*)\}$", text, flags=re.M))
-    constants = dict(re.findall(r"^(\w+)=([^$\s]+)$", text, flags=re.M))
-    literal = dict(re.findall(r"^\s+--(\w+) ([^\s\"$]+) \\$", text, flags=re.M))
-    return {**defaults, **constants, **literal}
+def script_command(name: str, **env) -> dict[str, str]:
+    """The `--flag value` pairs a script passes to llava.train.train with its defaults (DRY_RUN prints them)."""
+    result = run_command(["bash", f"scripts/{name}"], env=subprocess_env(DRY_RUN=1, NUM_GPUS=8, **env))
+    words = shlex.split(result.stdout)
+    return {words[i][2:]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
 
 
 @pytest.mark.parametrize("name", ["finetune_pmod_next.sh", "finetune_next.sh"])
 def test_next_scripts_encode_the_paper_recipe(name):
-    flags = script_flags(name)
+    flags = script_command(name)
     expected = dict(
-        MODEL="lmsys/vicuna-7b-v1.5", VISION_TOWER="openai/clip-vit-large-patch14-336",
-        PRETRAIN_ADAPTER="./checkpoints/llava-v1.5-7b-pretrain/mm_projector.bin",
-        DATA_PATH="./playground/data/llava_next_data.json", IMAGE_FOLDER="./playground/data/llava_next_images",
-        GLOBAL_BATCH="128", PER_DEVICE_BATCH="8", LR="2e-5", EPOCHS="1", MODEL_MAX_LENGTH="4096",
-        IMAGE_ASPECT_RATIO="anyres", MAX_NUM_SUB_IMAGES="4", MM_PATCH_MERGE_TYPE="spatial_unpad",
-        DEFAULT_DS_CONFIG="scripts/zero3.json", version="v1", mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer="-2", group_by_modality_length="True",
+        model_name_or_path="lmsys/vicuna-7b-v1.5", vision_tower="openai/clip-vit-large-patch14-336",
+        pretrain_mm_mlp_adapter="./checkpoints/llava-v1.5-7b-pretrain/mm_projector.bin",
+        data_path="./playground/data/llava_next_data.json", image_folder="./playground/data/llava_next_images",
+        per_device_train_batch_size="8", gradient_accumulation_steps="2", learning_rate="2e-5",
+        num_train_epochs="1", model_max_length="4096", image_aspect_ratio="anyres", max_num_sub_images="4",
+        mm_patch_merge_type="spatial_unpad", deepspeed="scripts/zero3.json", version="v1",
+        mm_projector_type="mlp2x_gelu", mm_vision_select_layer="-2", group_by_modality_length="True",
+        gradient_checkpointing="True", bf16="True", tf32="True",
     )
     assert {key: flags.get(key) for key in expected} == expected
     pmod = dict(
-        MOD_TARGET_LAYERS="shiftedcos_decay_0.85_0.15", MOD_TARGET_TOKEN_TYPE="vision_all", MOD_ROUTER_FACTOR="0.5",
-        MOD_WEIGHT_NORM="tanh_0.2_1", MOD_BIAS_ENABLED="True", MOD_SPECIAL_INIT="True",
+        mod_target_layers="shiftedcos_decay_0.85_0.15", mod_target_token_type="vision_all", mod_router_factor="0.5",
+        mod_weight_norm="tanh_0.2_1", mod_bias_enabled="True", mod_special_init="True",
     )
     if name == "finetune_pmod_next.sh":
         assert {key: flags.get(key) for key in pmod} == pmod
-        assert flags["OUTPUT_DIR"] == "./checkpoints/pmod-llava-next-7b"
+        assert flags["output_dir"] == "./checkpoints/pmod-llava-next-7b"
     else:
-        assert not any(key.startswith("MOD_") for key in flags)
-        assert flags["OUTPUT_DIR"] == "./checkpoints/llava-next-7b"
+        assert not any(key.startswith("mod_") for key in flags)
+        assert flags["output_dir"] == "./checkpoints/llava-next-7b"
+
+
+def test_pmod_flags_follow_their_environment_variables():
+    flags = script_command("finetune_pmod.sh", MOD_ROUTER_FACTOR="0.4", MOD_TARGET_LAYERS="interleave")
+    assert flags["mod_router_factor"] == "0.4" and flags["mod_target_layers"] == "interleave"
+    assert flags["deepspeed"] == "scripts/zero2.json" and flags["gradient_accumulation_steps"] == "4"
 
 
 def test_next_scripts_split_the_global_batch_over_eight_gpus(tmp_path):
