@@ -97,9 +97,10 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
 
 class LlavaLlamaForCausalLM(LlavaForCausalLMMixin, LlamaForCausalLM):
     config_class = LlavaConfig
+    language_model_class = LlavaLlamaModel
 
     def __init__(self, config):
-        build_causal_lm(self, config, LlavaLlamaModel)
+        build_causal_lm(self, config, self.language_model_class)
 
     def get_model(self):
         return self.model

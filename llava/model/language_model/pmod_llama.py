@@ -11,15 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from llava.model.language_model.llava_llama import (
     LlavaConfig,
-    LlavaForCausalLMMixin,
+    LlavaLlamaForCausalLM,
     LlavaLlamaModel,
-    build_causal_lm,
     positions_from_mask,
 )
 from llava.model.llava_arch import MultimodalInputs
@@ -194,14 +193,9 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         )
 
 
-class PmodLlavaLlamaForCausalLM(LlavaForCausalLMMixin, LlamaForCausalLM):
+class PmodLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
     config_class = PmodLlavaConfig
-
-    def __init__(self, config):
-        build_causal_lm(self, config, PmodLlavaLlamaModel)
-
-    def get_model(self):
-        return self.model
+    language_model_class = PmodLlavaLlamaModel
 
     def forward(self, *args, mod_target_mask: torch.Tensor | None = None, token_counts: TokenCounts | None = None,
                 **kwargs):
