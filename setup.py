@@ -29,6 +29,7 @@ setup(
     extras_require={
         "train": ["deepspeed>=0.15", "wandb"],
         "eval": ["lmms-eval==0.7.3"],
+        "demo": ["matplotlib"],
         "dev": ["pytest>=8", "matplotlib"],
     },
     entry_points={

@@ -1,9 +1,9 @@
-"""The whole demo at its tiny scale: data, stage 1, stage 2 dense and p-MoD, lmms-eval, report, figures."""
+"""The README's main command at its tiny scale: data, stage 1, stage 2 dense and p-MoD, lmms-eval, report,
+figures."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from conftest import run_command
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    result = run_command([sys.executable, "-m", "llava.demo.run", "--scale", "tiny", "--out", out], timeout=900)
+    result = run_command(["bash", "scripts/demo.sh", "--scale", "tiny", "--out", out], timeout=900)
     return out, result.stdout
 
 
