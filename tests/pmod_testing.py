@@ -56,3 +56,14 @@ def dense_twin(pmod_model) -> LlavaLlamaForCausalLM:
 def random_images(count: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(count, 3, 56, 56, generator=generator)
+
+
+def right_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> right-padded ids and the bool attention mask."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+        mask[row, : len(prompt)] = True
+    return ids, mask

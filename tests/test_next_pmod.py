@@ -11,7 +11,7 @@ from PIL import Image
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import anyres_grid_pinpoints, load_image_processor, process_images
 from pmod.cache import PmodCache
-from pmod_testing import build_pmod
+from pmod_testing import build_pmod, right_padded
 
 TILE = 56  # the session's tiny CLIP: 56 px, 4 x 4 tokens per tile
 
@@ -59,16 +59,6 @@ def sample_images(processor, config):
         image.paste(color, (0, 0, size[0] // 2, size[1] // 2))
         images.append(process_images([image], processor, config)[0])
     return images
-
-
-def right_padded(prompts):
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-        mask[row, : len(prompt)] = True
-    return ids, mask
 
 
 def labels_for(ids, mask):

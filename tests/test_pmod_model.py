@@ -13,7 +13,14 @@ from llava.model.builder import load_pretrained_model
 from pmod.cache import PmodCache
 from pmod.layer import PmodDecoderLayer
 from pmod.schedule import keep_count
-from pmod_testing import VISION_TOKENS_PER_IMAGE, build_pmod, dense_twin, random_images, tiny_config_kwargs
+from pmod_testing import (
+    VISION_TOKENS_PER_IMAGE,
+    build_pmod,
+    dense_twin,
+    random_images,
+    right_padded,
+    tiny_config_kwargs,
+)
 
 OFFICIAL_KEEP_576 = {
     0.5: [576] * 8 + [486, 464, 440, 414, 388, 360, 331, 302, 273, 244, 215, 187, 161, 135, 111, 89] + [86] * 8,
@@ -30,16 +37,6 @@ def tower(tiny_models):
 def mixed_prompts():
     """Three prompts with 0, 1 and 2 images (0, 16, 32 vision tokens) and different text lengths."""
     return [[1, 11, 12, 13, 14, 15, 16], [1, 21, -200, 22, 23], [1, -200, 31, 32, -200, 33, 34, 35, 36]]
-
-
-def right_padded(prompts):
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-        mask[row, : len(prompt)] = True
-    return ids, mask
 
 
 def images_for(prompts, seed=0):
