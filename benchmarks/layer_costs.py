@@ -40,7 +40,7 @@ class LayerCostRow:
 def uniform_plan(batch: int, n_text: int, keep: int, device: torch.device) -> LayerPlan:
     """Every sample keeps ``keep`` of its vision tokens and all ``n_text`` text tokens."""
     lengths = (n_text + keep,) * batch
-    return LayerPlan(torch.full((batch,), keep, device=device), keep, lengths, n_text + keep,
+    return LayerPlan(torch.full((batch,), keep, device=device), (keep,) * batch, lengths, n_text + keep,
                      torch.tensor(lengths, device=device))
 
 

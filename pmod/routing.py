@@ -28,13 +28,17 @@ class TokenRouter(nn.Module):
 
     def reset_to_zero(self) -> None:
         """Logit 0 for every token: w = 1 under TanhNorm, so training starts from the dense layer's output."""
-        with torch.no_grad():
-            self.router.weight.zero_()
-            if self.router.bias is not None:
-                self.router.bias.zero_()
+        zero_linear(self.router)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.router(hidden_states).squeeze(-1)
+
+
+def zero_linear(linear: nn.Linear) -> None:
+    with torch.no_grad():
+        linear.weight.zero_()
+        if linear.bias is not None:
+            linear.bias.zero_()
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,14 @@ class LayerPlan:
     """What one p-MoD layer keeps for one batch; host ints for shapes, device tensors for masks."""
 
     keep: torch.Tensor  # [B] vision tokens kept per sample
-    max_keep: int
+    keep_counts: tuple[int, ...]  # the same, on the host
     kept_lengths: tuple[int, ...]  # per sample: valid text tokens + kept vision tokens
     max_kept_length: int
     kept_lengths_tensor: torch.Tensor  # [B] the same, on the device
+
+    @property
+    def max_keep(self) -> int:
+        return max(self.keep_counts)
 
 
 def build_layer_plans(
@@ -80,7 +88,7 @@ def build_layer_plans(
     plans = {}
     for row, (layer, keep) in enumerate(zip(layers, keep_rows)):
         lengths = tuple(t + k for t, k in zip(n_text, keep))
-        plans[layer] = LayerPlan(keep_all[row], max(keep), lengths, max(lengths), text_tensor + keep_all[row])
+        plans[layer] = LayerPlan(keep_all[row], tuple(keep), lengths, max(lengths), text_tensor + keep_all[row])
     return plans
 
 

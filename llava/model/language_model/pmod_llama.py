@@ -24,7 +24,7 @@ from llava.model.language_model.llava_llama import (
 from llava.model.llava_arch import MultimodalInputs
 from pmod.cache import PmodCache
 from pmod.layer import LayerRouting, PmodDecoderLayer
-from pmod.routing import TokenCounts, TokenRouter, build_layer_plans
+from pmod.routing import TokenCounts, TokenRouter, build_layer_plans, zero_linear
 from pmod.schedule import RetentionSchedule, schedule_from_config
 from pmod.weight_norm import parse_weight_norm
 
@@ -81,10 +81,7 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         """Honour ``mod_special_init`` (zero routers) also for models built from a config."""
         super()._init_weights(module)
         if getattr(module, "pmod_zero_init", False):
-            with torch.no_grad():
-                module.weight.zero_()
-                if module.bias is not None:
-                    module.bias.zero_()
+            zero_linear(module)
 
     def initialize_mod_modules(self, model_args) -> None:
         """Training entry: copy the ``--mod_*`` flags into the config and wrap the scheduled layers."""
@@ -137,7 +134,7 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
                 raise NotImplementedError("p-MoD routes at prefill from an empty cache only (no chunked prefill)")
             routing = False  # a decode step of generate(): the prompt's mask is not for these tokens
         dense_layer = next((i for i, layer in enumerate(self.layers) if not isinstance(layer, PmodDecoderLayer)), None)
-        dense_mask = create_causal_mask(
+        dense_mask = None if dense_layer is None else create_causal_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
             past_key_values=past_key_values, position_ids=position_ids, layer_idx=dense_layer,
         )
@@ -151,8 +148,7 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
                 token_counts = TokenCounts.from_masks(target_mask, valid_mask)
             plans = build_layer_plans(self.schedule, token_counts, hidden.device)
             self.last_routing_stats = RoutingStats(
-                token_counts.n_target,
-                {i: tuple(self.schedule.keep_count(i, n) for n in token_counts.n_target) for i in plans},
+                token_counts.n_target, {i: plan.keep_counts for i, plan in plans.items()}
             )
 
         for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
