@@ -15,6 +15,7 @@ from benchmarks.models import LlmInputs, ModelPair, llm_inputs, pixel_inputs
 from benchmarks.timing import measure, peak_memory_bytes
 from pmod.accounting import ModelShape, estimate
 from pmod.cache import PmodCache
+from pmod.hf_compat import output_cache, set_activation_checkpointing
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def prefill_with_cache(model, inputs: LlmInputs, is_pmod: bool):
     with torch.no_grad():
         out = model(inputs_embeds=inputs.inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1,
                     **routing)
-    return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
 
 def decode(pair: ModelPair, settings: Settings, batch: int) -> list[Row]:
@@ -142,7 +143,7 @@ def training_step(pair: ModelPair, settings: Settings) -> list[Row]:
     for name, model in _models(pair):
         routing = inputs.routing() if name == "pmod" else {}
         model.train()
-        _checkpointing(model, enable=True)
+        set_activation_checkpointing(model, True)
 
         def step(model=model, routing=routing):
             model.zero_grad(set_to_none=True)
@@ -155,7 +156,7 @@ def training_step(pair: ModelPair, settings: Settings) -> list[Row]:
             peaks[name] = peak_memory_bytes(step, pair.device)
         finally:
             model.zero_grad(set_to_none=True)
-            _checkpointing(model, enable=False)
+            set_activation_checkpointing(model, False)
             model.eval()
     predicted = _accounting(pair, lm_head_tokens=pair.preset.n_tokens).flops_ratio
     mib = {name: None if peak is None else peak / 2**20 for name, peak in peaks.items()}
@@ -164,15 +165,6 @@ def training_step(pair: ModelPair, settings: Settings) -> list[Row]:
             predicted, "FLOPs"),
         Row("training step, peak memory", settings.train_batch, "MiB", mib["dense"], mib["pmod"], None, "-"),
     ]
-
-
-def _checkpointing(model, enable: bool) -> None:
-    """transformers >= 5.2x names it activation checkpointing; 5.17 (the GPU machine) only gradient checkpointing."""
-    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    if enable:
-        getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
-    else:
-        getattr(model, f"{prefix}_checkpointing_disable")()
 
 
 def cache_bytes_per_layer(cache) -> list[int]:

@@ -54,23 +54,22 @@ class PmodDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
         use_cache: bool = False,
         **kwargs,
     ) -> torch.Tensor:
+        """``kwargs`` carry the cache under the installed transformers' name for it (``pmod.hf_compat``)."""
         if routing is None:
             return self.decoder_layer(
                 hidden_states,
                 attention_mask=attention_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 **kwargs,
             )
-        return self._routed_forward(hidden_states, routing, position_embeddings, past_key_values, use_cache, **kwargs)
+        return self._routed_forward(hidden_states, routing, position_embeddings, use_cache, **kwargs)
 
-    def _routed_forward(self, hidden_states, routing, position_embeddings, past_key_values, use_cache, **kwargs):
+    def _routed_forward(self, hidden_states, routing, position_embeddings, use_cache, **kwargs):
         layer = self.decoder_layer
         logits = self.router(hidden_states)
         weights = self.weight_norm(logits, routing.target_mask)
@@ -83,7 +82,6 @@ class PmodDecoderLayer(GradientCheckpointingLayer):
             hidden_states=layer.input_layernorm(compact),
             attention_mask=routing.compact_attention_mask,
             position_embeddings=compact_rope,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             **kwargs,
         )

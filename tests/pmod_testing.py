@@ -67,3 +67,12 @@ def right_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[row, : len(prompt)] = torch.tensor(prompt)
         mask[row, : len(prompt)] = True
     return ids, mask
+
+
+def real_prefill_slots(cache, layer_idx: int) -> list[int]:
+    """Real tokens each row of a compact cache layer holds from prefill (text + kept vision tokens)."""
+    layer = cache.compact_layer(layer_idx)
+    valid = layer.prefill_valid()
+    if valid is None:
+        return [layer.prefill_slots] * layer.keys.shape[0]
+    return valid.sum(dim=1).tolist()

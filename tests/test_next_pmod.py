@@ -11,7 +11,8 @@ from PIL import Image
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import anyres_grid_pinpoints, load_image_processor, process_images
 from pmod.cache import PmodCache
-from pmod_testing import build_pmod, right_padded
+from pmod.hf_compat import output_cache
+from pmod_testing import build_pmod, real_prefill_slots, right_padded
 
 TILE = 56  # the session's tiny CLIP: 56 px, 4 x 4 tokens per tile
 
@@ -125,10 +126,10 @@ def test_cached_greedy_generation_of_an_anyres_batch_equals_recomputation(tower,
                             min_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     assert result.sequences.tolist() == expected
 
-    cache = result.past_key_values
+    cache = output_cache(result)
     assert isinstance(cache, PmodCache)
     n_text = [len(p) - 1 for p in prompts]
     schedule = model.model.schedule
     for layer in schedule.mod_layers:
         kept = [n_text[b] + schedule.keep_count(layer, VISION_TOKENS[b]) for b in range(2)]
-        assert cache.prefill_row_lengths(layer) == kept
+        assert real_prefill_slots(cache, layer) == kept

@@ -11,6 +11,7 @@ import torch
 from llava.model import PmodLlavaConfig
 from llava.model.builder import load_pretrained_model
 from pmod.cache import PmodCache
+from pmod.hf_compat import output_cache, set_activation_checkpointing
 from pmod.layer import PmodDecoderLayer
 from pmod.schedule import keep_count
 from pmod_testing import (
@@ -18,6 +19,7 @@ from pmod_testing import (
     build_pmod,
     dense_twin,
     random_images,
+    real_prefill_slots,
     right_padded,
     tiny_config_kwargs,
 )
@@ -71,7 +73,7 @@ def test_official_keep_counts_and_cache_lengths(beta):
     stats = model.model.last_routing_stats
     kept = [stats.kept_vision.get(layer, (n_vision,))[0] for layer in range(32)]
     assert kept == OFFICIAL_KEEP_576[beta]
-    cache = output.past_key_values
+    cache = output_cache(output)
     assert [cache.layers[i].get_seq_length() for i in range(32)] == [n_text + k for k in kept]
     if beta == 0.5:
         assert model.model.schedule.mean_ratio() == pytest.approx(0.5375, abs=5e-5)
@@ -160,7 +162,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tower):
 
     model.train()
     plain = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(model, True)
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     for name in plain:
@@ -195,13 +197,13 @@ def test_cached_greedy_generation_equals_recomputation(tower, beta):
                             do_sample=False, return_dict_in_generate=True)
     assert result.sequences.tolist() == expected
 
-    cache = result.past_key_values
+    cache = output_cache(result)
     assert isinstance(cache, PmodCache)
     n_vision = [0, VISION_TOKENS_PER_IMAGE, 2 * VISION_TOKENS_PER_IMAGE]
     n_text = [len(p) - p.count(-200) for p in prompts]
     for layer in model.model.schedule.mod_layers:
         kept = [n_text[b] + model.model.schedule.keep_count(layer, n_vision[b]) for b in range(3)]
-        assert cache.prefill_row_lengths(layer) == kept
+        assert real_prefill_slots(cache, layer) == kept
         assert cache.layers[layer].get_seq_length() == max(kept) + 4  # the last new token is not fed back
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import pmod.layer
 from llava.model.builder import load_pretrained_model
+from pmod.hf_compat import output_cache
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_pmod"
 CASES = {"A": "pmod-llava-v1.5-tiny", "B": "pmod-llava-next-tiny"}
@@ -94,7 +95,7 @@ def test_logits_kept_tokens_and_kv_lengths(case):
         reference = tensors[f"kept_vision_positions.layer{layer:02d}"].long().tolist()
         assert vision_kept == reference, f"case {name}, layer {layer}"
 
-    cache = output.past_key_values
+    cache = output_cache(output)
     kv_lengths = [cache.layers[i].get_seq_length() for i in range(32)]
     assert kv_lengths == tensors["kv_len_after_prefill"].tolist()
 
@@ -106,7 +107,7 @@ def test_greedy_generation(case):
         max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
     )
     assert generated.sequences[0].tolist() == tensors["generated_tokens"].tolist()
-    cache = generated.past_key_values
+    cache = output_cache(generated)
     assert [cache.layers[i].get_seq_length() for i in range(32)] == meta["kv_len_after_generate"]
 
 

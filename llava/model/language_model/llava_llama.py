@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel, MultimodalInputs
+from pmod.hf_compat import cache_kwargs, one_cache, pop_cache
 
 
 class LlavaConfig(LlamaConfig):
@@ -52,8 +53,11 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
         images=None,
         image_sizes=None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
         **kwargs,
     ):
+        """LlamaForCausalLM's forward plus ``images``/``image_sizes``; the cache may come as ``cache`` or
+        ``past_key_values`` and is passed on under the name the installed transformers uses."""
         if inputs_embeds is None and images is not None:
             prepared = self.prepare_multimodal_inputs(input_ids, attention_mask, labels, images, image_sizes)
             input_ids, inputs_embeds = None, prepared.inputs_embeds
@@ -66,33 +70,36 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **cache_kwargs(one_cache(cache, past_key_values)),
             **kwargs,
         )
 
-    def generation_inputs(self, prepared: MultimodalInputs) -> dict:
-        """Model kwargs for ``generate`` from prepared multimodal inputs."""
-        return {"inputs_embeds": prepared.inputs_embeds, "attention_mask": prepared.attention_mask}
+    def generation_inputs(self, prepared: MultimodalInputs, cache=None) -> dict:
+        """Model kwargs for ``generate`` from prepared multimodal inputs; ``cache``: one to continue, or None."""
+        return {"inputs_embeds": prepared.inputs_embeds, "attention_mask": prepared.attention_mask,
+                **cache_kwargs(cache)}
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs):
         """Generate from ``input_ids`` with image tokens; returns only the new tokens when images are given.
 
         Prompts of a batch are left-padded after image expansion, so batched generation is correct whatever
-        padding the caller used.
+        padding the caller used. A cache returned by an earlier call (``cache`` or ``past_key_values``) continues
+        it: pass the whole conversation again (same images); only the tokens after the cached ones are computed.
         """
         if "inputs_embeds" in kwargs:
             raise NotImplementedError("pass input_ids with image tokens and images=..., not inputs_embeds")
         attention_mask = kwargs.pop("attention_mask", None)
         kwargs.pop("position_ids", None)
+        cache = pop_cache(kwargs)
         if images is None:
-            return super().generate(inputs, attention_mask=attention_mask, **kwargs)
+            return super().generate(inputs, attention_mask=attention_mask, **cache_kwargs(cache), **kwargs)
         prepared = self.prepare_multimodal_inputs(inputs, attention_mask, None, images, image_sizes, padding_side="left")
-        return super().generate(**self.generation_inputs(prepared), **kwargs)
+        return super().generate(**self.generation_inputs(prepared, cache), **kwargs)
 
 
 class LlavaLlamaForCausalLM(LlavaForCausalLMMixin, LlamaForCausalLM):

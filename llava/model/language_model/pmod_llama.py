@@ -23,6 +23,7 @@ from llava.model.language_model.llava_llama import (
 )
 from llava.model.llava_arch import MultimodalInputs
 from pmod.cache import PmodCache
+from pmod.hf_compat import cache_kwargs, one_cache
 from pmod.layer import LayerRouting, PmodDecoderLayer
 from pmod.routing import TokenCounts, TokenRouter, build_layer_plans, zero_linear
 from pmod.schedule import RetentionSchedule, schedule_from_config
@@ -112,80 +113,134 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         use_cache: bool | None = None,
         mod_target_mask: torch.Tensor | None = None,
         token_counts: TokenCounts | None = None,
+        cache=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """LlamaModel's forward; ``mod_target_mask`` (with an empty cache) routes the marked tokens.
+
+        The cache may come as ``cache`` (transformers >= 5.24) or ``past_key_values``.
+        """
+        cache = one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = PmodCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = PmodCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        _check_mask_width(attention_mask, cache, past_length, length)
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 position_ids = positions_from_mask(attention_mask, length)
             else:
                 position_ids = torch.arange(past_length, past_length + length, device=hidden.device)[None]
 
-        routing = mod_target_mask is not None and self.schedule is not None
-        if routing and (past_length > 0 or mod_target_mask.shape[1] != length):
-            if mod_target_mask.shape[1] == length:
-                raise NotImplementedError("p-MoD routes at prefill from an empty cache only (no chunked prefill)")
-            routing = False  # a decode step of generate(): the prompt's mask is not for these tokens
+        plans = {}
+        if mod_target_mask is not None and self.schedule is not None:
+            routed = self._routing_inputs(cache, past_length, length, mod_target_mask, attention_mask, token_counts)
+            if routed is not None:
+                target_mask, valid_mask, token_counts = routed
+                plans = build_layer_plans(self.schedule, token_counts, hidden.device)
+                self.last_routing_stats = RoutingStats(
+                    token_counts.n_target, {i: plan.keep_counts for i, plan in plans.items()}
+                )
         dense_layer = next((i for i, layer in enumerate(self.layers) if not isinstance(layer, PmodDecoderLayer)), None)
         dense_mask = None if dense_layer is None else create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids, layer_idx=dense_layer,
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+            layer_idx=dense_layer, **cache_kwargs(cache),
         )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
 
-        plans, compact_masks = {}, {}  # compact masks depend only on the compact length (prefill: empty caches)
-        if routing:
-            valid_mask = torch.ones_like(mod_target_mask) if attention_mask is None else attention_mask.bool()
-            target_mask = mod_target_mask.bool() & valid_mask
-            if token_counts is None or len(token_counts.n_target) != batch:
-                token_counts = TokenCounts.from_masks(target_mask, valid_mask)
-            plans = build_layer_plans(self.schedule, token_counts, hidden.device)
-            self.last_routing_stats = RoutingStats(
-                token_counts.n_target, {i: plan.keep_counts for i, plan in plans.items()}
-            )
-
+        # Masks are shared: at prefill by compact length (empty caches), at later steps by kept-length pattern.
+        prefill_masks, cached_masks = {}, {}
+        common = dict(position_embeddings=position_embeddings, position_ids=position_ids, use_cache=use_cache,
+                      **cache_kwargs(cache), **kwargs)
         for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            common = dict(position_embeddings=position_embeddings, past_key_values=past_key_values,
-                          use_cache=use_cache, **kwargs)
+            compact = cache.compact_layer(index) if isinstance(cache, PmodCache) else None
             if index in plans:
                 plan = plans[index]
-                if plan.max_kept_length not in compact_masks:
-                    compact_masks[plan.max_kept_length] = create_causal_mask(
+                if plan.max_kept_length not in prefill_masks:
+                    prefill_masks[plan.max_kept_length] = create_causal_mask(
                         config=self.config, inputs_embeds=hidden.new_empty(batch, plan.max_kept_length, 0),
-                        attention_mask=None, past_key_values=past_key_values, position_ids=None, layer_idx=index,
+                        attention_mask=None, position_ids=None, layer_idx=index, **cache_kwargs(cache),
                     )
-                layer_routing = LayerRouting(plan, target_mask, valid_mask, compact_masks[plan.max_kept_length])
-                hidden = layer(hidden, routing=layer_routing, position_ids=position_ids, **common)
-                if isinstance(past_key_values, PmodCache):
-                    past_key_values.record_compact_prefill(
-                        index, plan.kept_lengths_tensor, plan.max_kept_length,
-                        uniform=min(plan.kept_lengths) == plan.max_kept_length,
-                    )
-            elif isinstance(past_key_values, PmodCache) and past_key_values.is_compact(index):
-                layer_mask = self._compact_cache_mask(past_key_values, index, hidden)
-                hidden = layer(hidden, attention_mask=layer_mask, position_ids=position_ids, **common)
+                layer_routing = LayerRouting(plan, target_mask, valid_mask, prefill_masks[plan.max_kept_length])
+                hidden = layer(hidden, routing=layer_routing, **common)
+                if cache is not None:
+                    cache.record_routed_prefill(index, plan.kept_lengths_tensor, plan.kept_lengths)
+            elif compact is not None:
+                if compact.pattern not in cached_masks:
+                    cached_masks[compact.pattern] = self._compact_cache_mask(cache, index, hidden, attention_mask)
+                hidden = layer(hidden, attention_mask=cached_masks[compact.pattern], **common)
             else:
-                hidden = layer(hidden, attention_mask=dense_mask, position_ids=position_ids, **common)
-        if isinstance(past_key_values, PmodCache):
-            past_key_values.seen_tokens = past_length + length
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+                hidden = layer(hidden, attention_mask=dense_mask, **common)
+        if isinstance(cache, PmodCache):
+            if plans:
+                cache.prefill_vision = token_counts.n_target
+            elif cached_masks and length > 1 and attention_mask is not None:
+                cache.added_tokens_may_pad = True
+            cache.seen_tokens = past_length + length
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **cache_kwargs(cache))
 
+    def _routing_inputs(self, cache, past_length, length, mod_target_mask, attention_mask, token_counts):
+        """(target mask, valid mask, counts) when this forward routes, None when the cache already holds the routing.
 
-    def _compact_cache_mask(self, cache: PmodCache, index: int, hidden: torch.Tensor):
-        """Mask for new tokens attending to a compact layer's cache, whose rows may end at different slots."""
-        padding = cache.key_padding_mask(index, hidden.shape[1])
-        if padding is None and hidden.shape[1] == 1:
+        Routing happens at prefill, from an empty cache. With a filled cache the routing inputs belong to the
+        prompt: a decode step of ``generate()``, or a longer prompt that continues the cached one, whose new
+        tokens must then be text. Without a cache, generated text tokens may follow the prompt's mask.
+        """
+        width = mod_target_mask.shape[1]
+        if past_length > 0:
+            if width == length:
+                raise NotImplementedError("p-MoD routes at prefill from an empty cache only (no chunked prefill)")
+            if width == past_length + length and cache.prefill_vision is not None:
+                valid = None if attention_mask is None else attention_mask.bool()
+                counts = token_counts if token_counts is not None and len(token_counts.n_target) == \
+                    mod_target_mask.shape[0] else TokenCounts.from_masks(mod_target_mask.bool(), valid)
+                if counts.n_target != cache.prefill_vision:
+                    raise NotImplementedError(
+                        "p-MoD routes vision tokens at prefill only: tokens that continue a filled cache must be "
+                        "text. Start a new prompt (without the cache) to add an image."
+                    )
+            return None
+        if cache is not None and not isinstance(cache, PmodCache):
+            raise TypeError(f"a routed p-MoD prefill needs a PmodCache(config=model.config), got {type(cache).__name__}")
+        if width > length:
+            raise ValueError(f"mod_target_mask covers {width} tokens but the input has {length}")
+        valid_mask = torch.ones_like(mod_target_mask, dtype=torch.bool) if attention_mask is None \
+            else attention_mask.bool()
+        if width < length:  # generate() without a cache: the tokens after the prompt are generated text
+            mod_target_mask = torch.nn.functional.pad(mod_target_mask, (0, length - width), value=False)
+            token_counts = None
+        target_mask = mod_target_mask.bool() & valid_mask
+        if token_counts is None or len(token_counts.n_target) != target_mask.shape[0]:
+            token_counts = TokenCounts.from_masks(target_mask, valid_mask)
+        return target_mask, valid_mask, token_counts
+
+    def _compact_cache_mask(self, cache: PmodCache, index: int, hidden: torch.Tensor, attention_mask):
+        """Mask of the new tokens against a compact layer's keys, built on the device without a host read.
+
+        The layer's query offset is its own key length (``PmodCache.get_query_offset``), and skipping the mask
+        for SDPA's ``is_causal`` is not allowed, since deciding that would read the padding mask on the host.
+        """
+        valid = cache.key_valid(index, attention_mask, hidden.shape[1])
+        if valid is None and hidden.shape[1] == 1:
             return None  # one query per row and no filler slots: every back-end attends to the whole cache
         return create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=padding,
-            past_key_values=cache, position_ids=None, layer_idx=index,
+            config=self.config, inputs_embeds=hidden, attention_mask=valid, position_ids=None, layer_idx=index,
+            allow_is_causal_skip=False, **cache_kwargs(cache),
+        )
+
+
+def _check_mask_width(attention_mask, cache, past_length: int, length: int) -> None:
+    """Compact layers read the tokens added after prefill from the end of a full-sequence attention mask."""
+    if attention_mask is None or attention_mask.ndim != 2 or not isinstance(cache, PmodCache) or past_length == 0:
+        return
+    if attention_mask.shape[1] != past_length + length:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[1]} tokens; with a filled p-MoD cache it must cover the "
+            f"{past_length} cached tokens and the {length} new ones"
         )
 
 
@@ -203,9 +258,10 @@ class PmodLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
     def routing_inputs(self, prepared: MultimodalInputs) -> dict:
         return {"mod_target_mask": prepared.target_mask, "token_counts": prepared.counts}
 
-    def generation_inputs(self, prepared: MultimodalInputs) -> dict:
-        inputs = super().generation_inputs(prepared)
-        inputs.update(self.routing_inputs(prepared), past_key_values=PmodCache(config=self.config))
+    def generation_inputs(self, prepared: MultimodalInputs, cache=None) -> dict:
+        """A fresh PmodCache unless the caller continues one (e.g. a second chat turn)."""
+        inputs = super().generation_inputs(prepared, cache if cache is not None else PmodCache(config=self.config))
+        inputs.update(self.routing_inputs(prepared))
         return inputs
 
 
