@@ -28,7 +28,8 @@ setup(
     install_requires=read_requirements(),
     extras_require={
         "train": ["deepspeed>=0.15", "wandb"],
-        "eval": ["lmms-eval==0.7.3"],
+        # lmms-eval 0.7.3 imports filelock._api, which filelock 4.3 removed.
+        "eval": ["lmms-eval==0.7.3", "filelock<4.3"],
         "demo": ["matplotlib"],
         "dev": ["pytest>=8", "matplotlib"],
     },

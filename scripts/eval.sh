@@ -55,6 +55,7 @@ if [[ -n "${EXTRA_MODEL_ARGS:-}" ]]; then
     model_args+=",$EXTRA_MODEL_ARGS"
 fi
 
+"$PYTHON" -m llava.eval.deps  # a broken lmms-eval install fails here, with the fix, not mid-run
 export HF_HUB_ENABLE_HF_TRANSFER=0
 mkdir -p "$OUTPUT_DIR"
 rm -f "$OUTPUT_DIR"/efficiency/efficiency_rank*.jsonl

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from PIL import Image
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import anyres_grid_pinpoints, process_images
 from llava.model import LlavaConfig, LlavaLlamaForCausalLM, PmodLlavaConfig, PmodLlavaLlamaForCausalLM
 
 VISION_TOKENS_PER_IMAGE = 16  # tiny CLIP: 56 px images, 14 px patches
@@ -76,3 +80,53 @@ def real_prefill_slots(cache, layer_idx: int) -> list[int]:
     if valid is None:
         return [layer.prefill_slots] * layer.keys.shape[0]
     return valid.sum(dim=1).tolist()
+
+
+def mixed_prompts():
+    """Three prompts with 0, 1 and 2 images (0, 16, 32 vision tokens) and different text lengths."""
+    return [[1, 11, 12, 13, 14, 15, 16], [1, 21, -200, 22, 23], [1, -200, 31, 32, -200, 33, 34, 35, 36]]
+
+
+def images_for(prompts, seed=0):
+    """LLaVA convention: one image per image token, one dummy image per text-only prompt, in batch order."""
+    count = sum(max(1, prompt.count(-200)) for prompt in prompts)
+    return random_images(count, seed)
+
+
+# LLaVA-NeXT (AnyRes) samples for the tiny CLIP
+TILE = 56  # the session's tiny CLIP: 56 px, 4 x 4 tokens per tile
+
+NEXT_PROMPTS = [
+    [1, 5, IMAGE_TOKEN_INDEX, 6, 7, 8, 9],
+    [1, IMAGE_TOKEN_INDEX, 10, 11, 12],
+    [1, 13, IMAGE_TOKEN_INDEX, 14, 15, 16, 17, 18],
+    [1, 20, 21, 22, 23, 24],  # text only: consumes a dummy image
+]
+NEXT_SIZES = [(112, 84), (40, 72), (150, 50), None]
+# 16 base tokens + unpadded rows x (columns + newline): 2x2 grid cut to 6x8, 1x2 grid 8x4, 3x1 grid 4x12.
+NEXT_VISION_TOKENS = [16 + 6 * 9, 16 + 8 * 5, 16 + 4 * 13, 0]
+
+
+def next_pmod(tower, **overrides):
+    """An 8-layer p-MoD model with AnyRes (4 tiles at most), spatial_unpad and a random image_newline."""
+    model = build_pmod(
+        tower, mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
+        image_grid_pinpoints=anyres_grid_pinpoints(4, TILE), **overrides,
+    )
+    with torch.no_grad():
+        model.get_model().image_newline.normal_(generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def sample_images(processor, config):
+    """Per sample: its [1 + tiles, 3, 56, 56] tensor, or a zero image for the text-only sample."""
+    images = []
+    for index, size in enumerate(NEXT_SIZES):
+        if size is None:
+            images.append(torch.zeros(3, TILE, TILE))
+            continue
+        color = (40 * index + 30, 200 - 50 * index, 90)
+        image = Image.effect_noise(size, 60).convert("RGB")
+        image.paste(color, (0, 0, size[0] // 2, size[1] // 2))
+        images.append(process_images([image], processor, config)[0])
+    return images

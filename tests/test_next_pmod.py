@@ -6,26 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava.mm_utils import anyres_grid_pinpoints, load_image_processor, process_images
+from llava.mm_utils import load_image_processor
 from pmod.cache import PmodCache
 from pmod.hf_compat import output_cache
-from pmod_testing import build_pmod, real_prefill_slots, right_padded
-
-TILE = 56  # the session's tiny CLIP: 56 px, 4 x 4 tokens per tile
-
-PROMPTS = [
-    [1, 5, IMAGE_TOKEN_INDEX, 6, 7, 8, 9],
-    [1, IMAGE_TOKEN_INDEX, 10, 11, 12],
-    [1, 13, IMAGE_TOKEN_INDEX, 14, 15, 16, 17, 18],
-    [1, 20, 21, 22, 23, 24],  # text only: consumes a dummy image
-]
-SIZES = [(112, 84), (40, 72), (150, 50), None]
-# 16 base tokens + unpadded rows x (columns + newline): 2x2 grid cut to 6x8, 1x2 grid 8x4, 3x1 grid 4x12.
-VISION_TOKENS = [16 + 6 * 9, 16 + 8 * 5, 16 + 4 * 13, 0]
-
+from pmod_testing import (
+    NEXT_PROMPTS as PROMPTS,
+    NEXT_SIZES as SIZES,
+    NEXT_VISION_TOKENS as VISION_TOKENS,
+    next_pmod,
+    real_prefill_slots,
+    right_padded,
+    sample_images,
+)
 
 @pytest.fixture(scope="module")
 def tower(tiny_models):
@@ -35,31 +29,6 @@ def tower(tiny_models):
 @pytest.fixture(scope="module")
 def processor(tower):
     return load_image_processor(tower)
-
-
-def next_pmod(tower, **overrides):
-    """An 8-layer p-MoD model with AnyRes (4 tiles at most), spatial_unpad and a random image_newline."""
-    model = build_pmod(
-        tower, mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
-        image_grid_pinpoints=anyres_grid_pinpoints(4, TILE), **overrides,
-    )
-    with torch.no_grad():
-        model.get_model().image_newline.normal_(generator=torch.Generator().manual_seed(1))
-    return model
-
-
-def sample_images(processor, config):
-    """Per sample: its [1 + tiles, 3, 56, 56] tensor, or a zero image for the text-only sample."""
-    images = []
-    for index, size in enumerate(SIZES):
-        if size is None:
-            images.append(torch.zeros(3, TILE, TILE))
-            continue
-        color = (40 * index + 30, 200 - 50 * index, 90)
-        image = Image.effect_noise(size, 60).convert("RGB")
-        image.paste(color, (0, 0, size[0] // 2, size[1] // 2))
-        images.append(process_images([image], processor, config)[0])
-    return images
 
 
 def labels_for(ids, mask):

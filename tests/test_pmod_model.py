@@ -18,7 +18,8 @@ from pmod_testing import (
     VISION_TOKENS_PER_IMAGE,
     build_pmod,
     dense_twin,
-    random_images,
+    images_for,
+    mixed_prompts,
     real_prefill_slots,
     right_padded,
     tiny_config_kwargs,
@@ -34,17 +35,6 @@ OFFICIAL_KEEP_576 = {
 @pytest.fixture(scope="module")
 def tower(tiny_models):
     return tiny_models.vision_tower
-
-
-def mixed_prompts():
-    """Three prompts with 0, 1 and 2 images (0, 16, 32 vision tokens) and different text lengths."""
-    return [[1, 11, 12, 13, 14, 15, 16], [1, 21, -200, 22, 23], [1, -200, 31, 32, -200, 33, 34, 35, 36]]
-
-
-def images_for(prompts, seed=0):
-    """LLaVA convention: one image per image token, one dummy image per text-only prompt, in batch order."""
-    count = sum(max(1, prompt.count(-200)) for prompt in prompts)
-    return random_images(count, seed)
 
 
 def test_zero_routers_and_full_ratio_equal_the_dense_model(tower):

@@ -151,12 +151,13 @@ def test_trainer_groups_batches_by_modality(tiny_models, tmp_path):
 
 def trainable_groups(tiny_models, tiny_dataset, tmp_path, *extra):
     """Build the tiny model as train() does and report which parameter families are trainable."""
-    from llava.train.train import build_model, configure_trainable, parse_args
+    from llava.train.train import build_model, configure_trainable, parse_args, validate_args
 
     model_args, data_args, training_args = parse_args(base_argv(
         tiny_models, tiny_dataset, tmp_path, "--mm_projector_type", "mlp2x_gelu", "--use_cpu", "True", *extra,
     ))
-    model = build_model(model_args, data_args, training_args, torch.float32)
+    llm_config = validate_args(model_args, data_args, training_args)
+    model = build_model(model_args, data_args, training_args, torch.float32, llm_config)
     configure_trainable(model, model_args, training_args)
     families = {"mm_projector": "projector", "vision_tower": "tower", "router": "router", "lm_head": "head",
                 "embed_tokens": "embeddings", "layers.": "llm"}
@@ -190,13 +191,14 @@ def test_pmod_freeze_backbone_keeps_new_modules_trainable(tiny_models, tiny_data
 
 
 def test_anyres_records_grid_pinpoints(tiny_models, tiny_dataset, tmp_path):
-    from llava.train.train import build_model, parse_args
+    from llava.train.train import build_model, parse_args, validate_args
 
     model_args, data_args, training_args = parse_args(base_argv(
         tiny_models, tiny_dataset, tmp_path, "--image_aspect_ratio", "anyres", "--mm_patch_merge_type",
         "spatial_unpad", "--max_num_sub_images", "4", "--use_cpu", "True",
     ))
-    model = build_model(model_args, data_args, training_args, torch.float32)
+    llm_config = validate_args(model_args, data_args, training_args)
+    model = build_model(model_args, data_args, training_args, torch.float32, llm_config)
     tile = data_args.image_processor.crop_size["height"]
     assert model.config.image_grid_pinpoints == data_args.image_grid_pinpoints
     assert [tile, 2 * tile] in data_args.image_grid_pinpoints and [2 * tile, 2 * tile] in data_args.image_grid_pinpoints

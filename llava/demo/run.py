@@ -22,6 +22,7 @@ from pathlib import Path
 from llava.demo.lmms_task import TASK_NAME, write_task
 from llava.demo.report import ModelResult, build_report, read_eval_run
 from llava.demo.synthetic import write_dataset
+from llava.eval.deps import EvaluationDependencyError, check_lmms_eval
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +209,10 @@ def main(argv=None) -> None:
     except ValueError as error:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_lmms_eval()  # evaluation comes last: fail now, not after training
+    except EvaluationDependencyError as error:
+        parser.exit(1, f"demo: {error}\n")
     run_demo(Path(args.out), args.scale, args.seed, args.overrides)
 
 

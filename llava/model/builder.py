@@ -6,10 +6,12 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM
+from llava.model.checkpoint_config import CheckpointConfigError, load_checkpoint_config
 from llava.model.llava_arch import load_projector_weights
+from llava.model.tokenizer import load_tokenizer
 from llava.model.multimodal_encoder.clip_encoder import resolve_tower_path
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def load_pretrained_model(
         raise NotImplementedError("8/4-bit loading is not supported; load in float16/bfloat16 instead")
     dtype = _as_dtype(dtype) or default_dtype(device)
     model_path = str(model_path)
-    config = AutoConfig.from_pretrained(model_path)
+    config = load_checkpoint_config(model_path)
     _resolve_tower(config, model_path, vision_tower_path)
     load_kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     if device_map is not None:
@@ -63,7 +65,10 @@ def load_pretrained_model(
             model.get_vision_tower().load_pretrained_weights()
         tokenizer_source = model_path
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **load_kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, config=config, **load_kwargs)
+        except ValueError as error:
+            raise CheckpointConfigError(f"{model_path}: not a LLaVA, p-MoD or causal-LM checkpoint ({error})") from error
         tokenizer_source = model_path
     if device_map is None:
         model.to(device)
@@ -75,7 +80,7 @@ def load_pretrained_model(
         tower.to(device=model.device, dtype=dtype)
         image_processor = tower.image_processor
     context_len = getattr(config, "tokenizer_model_max_length", None) or getattr(config, "max_position_embeddings", 2048)
-    return _load_tokenizer(tokenizer_source), model, image_processor, context_len
+    return load_tokenizer(tokenizer_source, use_fast=True), model, image_processor, context_len
 
 
 def _as_dtype(dtype) -> torch.dtype | None:
@@ -104,11 +109,3 @@ def _load_projector_checkpoint(model_path, model_base, config, model_class, load
     model.get_vision_tower().load_pretrained_weights()
     load_projector_weights(model.get_model().mm_projector, projector_file)
     return model
-
-
-def _load_tokenizer(source: str):
-    try:
-        return AutoTokenizer.from_pretrained(source, use_fast=True)
-    except (OSError, ValueError) as error:
-        logger.warning("No tokenizer could be loaded from %s (%s); returning None", source, error)
-        return None

@@ -24,6 +24,8 @@ from transformers.utils import is_flash_attn_2_available
 from llava.conversation import get_conv_template
 from llava.mm_utils import anyres_grid_pinpoints, is_anyres
 from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM  # also registers the config types
+from llava.model.checkpoint_config import load_checkpoint_config
+from llava.model.tokenizer import load_tokenizer
 from llava.train.dataset import make_supervised_data_module
 from llava.train.llava_trainer import (
     NON_LORA_FILE,
@@ -175,9 +177,10 @@ def _check_bits(bits: int) -> None:
 
 
 def _load_llm_config(model_args: ModelArguments, training_args: TrainingArguments):
+    """The starting checkpoint's config: an LLM, one of ours, or a LLaVA release (``model_type: llava``)."""
     try:
-        return transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
-    except (OSError, ValueError) as err:
+        return load_checkpoint_config(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    except ValueError as err:
         raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r}: cannot read its config ({err})") from err
 
 
@@ -243,7 +246,7 @@ def quantization_kwargs(training_args: TrainingArguments, compute_dtype: torch.d
 
 
 def build_tokenizer(model_args: ModelArguments, training_args: TrainingArguments):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
+    tokenizer = load_tokenizer(
         model_args.model_name_or_path,
         cache_dir=training_args.cache_dir,
         model_max_length=training_args.model_max_length,
@@ -256,11 +259,13 @@ def build_tokenizer(model_args: ModelArguments, training_args: TrainingArguments
     return tokenizer
 
 
-def build_model(model_args, data_args, training_args, compute_dtype):
+def build_model(model_args, data_args, training_args, compute_dtype, llm_config):
     """Load the LLM into the LLaVA (or p-MoD) class, attach the vision modules and the routers."""
     model_cls = PmodLlavaLlamaForCausalLM if model_args.mod_enabled else LlavaLlamaForCausalLM
+    settings = {key: value for key, value in llm_config.to_dict().items() if key != "model_type"}
     model = model_cls.from_pretrained(
         model_args.model_name_or_path,
+        config=model_cls.config_class.from_dict(settings),
         cache_dir=training_args.cache_dir,
         dtype=compute_dtype,
         attn_implementation=resolve_attn_implementation(training_args.attn_implementation),
@@ -397,7 +402,7 @@ def train(argv=None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
-    validate_args(model_args, data_args, training_args)
+    llm_config = validate_args(model_args, data_args, training_args)
     configure_reporting(training_args)
     training_args.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
     if training_args.deepspeed:
@@ -409,7 +414,7 @@ def train(argv=None) -> None:
 
     compute_dtype = compute_dtype_of(training_args)
     tokenizer = build_tokenizer(model_args, training_args)
-    model = build_model(model_args, data_args, training_args, compute_dtype)
+    model = build_model(model_args, data_args, training_args, compute_dtype, llm_config)
     configure_trainable(model, model_args, training_args)
     if training_args.lora_enable:
         model = apply_lora(model, training_args)
