@@ -68,3 +68,6 @@ def check_transformers_version(version: str | None = None) -> bool:
         stacklevel=2,
     )
     return False
+
+
+check_transformers_version()  # once per process: every entry point (llava, pmod.cache, pmod.layer) imports this
