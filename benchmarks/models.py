@@ -186,28 +186,39 @@ def _set_attribute(root: torch.nn.Module, name: str, value: torch.Tensor, is_par
 
 @dataclass
 class LlmInputs:
-    """Embeddings straight into the LLM: ``n_text`` text tokens with the vision block after the system prompt."""
+    """Embeddings straight into the LLM: ``n_text`` text tokens with the vision block after the system prompt.
+
+    ``attention_mask`` is None when every row is the full prompt; uneven rows are left-padded, as batched
+    evaluation pads its prompts.
+    """
 
     inputs_embeds: torch.Tensor  # [B, L, D]
     target_mask: torch.Tensor  # [B, L] bool
     counts: TokenCounts
     labels: torch.Tensor  # [B, L], IGNORE_INDEX on vision tokens
+    attention_mask: torch.Tensor | None = None  # [B, L] bool
 
     def routing(self) -> dict:
         return {"mod_target_mask": self.target_mask, "token_counts": self.counts}
 
 
-def llm_inputs(pair: ModelPair, batch: int, seed: int = 0) -> LlmInputs:
+def llm_inputs(pair: ModelPair, batch: int, seed: int = 0, uneven: bool = False) -> LlmInputs:
+    """``uneven``: row b has ``b / (2 B)`` fewer vision tokens (left-padded), so its p-MoD layers keep fewer."""
     preset = pair.preset
     generator = torch.Generator().manual_seed(seed)
     length, start = preset.n_tokens, min(TEXT_BEFORE_IMAGE, preset.n_text)
     embeds = torch.randn(batch, length, preset.llm.hidden_size, generator=generator) * 0.02
     targets = torch.zeros(batch, length, dtype=torch.bool)
-    targets[:, start:start + preset.n_vision] = True
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    drops = [preset.n_vision * row // (2 * batch) if uneven else 0 for row in range(batch)]
+    for row, drop in enumerate(drops):
+        mask[row, :drop] = False
+        targets[row, drop + start:start + preset.n_vision] = True
     labels = torch.randint(3, preset.llm.vocab_size, (batch, length), generator=generator)
-    labels[targets] = IGNORE_INDEX
-    counts = TokenCounts((preset.n_vision,) * batch, (length,) * batch)
-    return LlmInputs(embeds.to(pair.device, pair.dtype), targets.to(pair.device), counts, labels.to(pair.device))
+    labels[targets | ~mask] = IGNORE_INDEX
+    counts = TokenCounts(tuple(preset.n_vision - d for d in drops), tuple(length - d for d in drops))
+    return LlmInputs(embeds.to(pair.device, pair.dtype), targets.to(pair.device), counts, labels.to(pair.device),
+                     mask.to(pair.device) if uneven else None)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 logger = logging.getLogger("benchmarks")
-PARTS = ("prefill", "full", "decode", "train", "kv", "layer", "attention")
+PARTS = ("prefill", "full", "decode", "uneven", "train", "kv", "layer", "attention")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -37,7 +37,8 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: stable on a shared machine; GPU runs ignore it)")
     parser.add_argument("--check-syncs", action="store_true",
-                        help="also run the p-MoD prefill's layer loop under torch.cuda.set_sync_debug_mode('error')")
+                        help="also run the p-MoD layer loop (prefill, uneven-batch decode) under "
+                             "torch.cuda.set_sync_debug_mode('error')")
     parser.add_argument("--json", type=Path, help="write the result as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the markdown report here")
     args = parser.parse_args(argv)
@@ -107,6 +108,10 @@ def main(argv=None) -> int:
         for batch in settings.decode_batches:
             logger.info("decode, batch %d", batch)
             rows.extend(suite.decode(pair, settings, batch))
+    if "uneven" in parts:
+        for batch in (b for b in settings.decode_batches if b > 1):
+            logger.info("decode, batch %d, uneven rows", batch)
+            rows.extend(suite.decode(pair, settings, batch, uneven=True))
     if "train" in parts:
         logger.info("training step")
         rows.extend(suite.training_step(pair, settings))
@@ -128,7 +133,9 @@ def main(argv=None) -> int:
         }
     if args.check_syncs:
         logger.info("sync check")
-        result["sync_check"] = syncs.check_prefill_syncs(pair)
+        prefill, decode = syncs.check_prefill_syncs(pair), syncs.check_decode_syncs(pair)
+        result["sync_check"] = {"passed": prefill["passed"] and decode["passed"],
+                                "checked": prefill["checked"] + decode["checked"]}
 
     text = report.markdown(result)
     print(text)

@@ -103,14 +103,29 @@ def prefill_with_cache(model, inputs: LlmInputs, is_pmod: bool):
     cache = new_cache(model, is_pmod)
     routing = inputs.routing() if is_pmod else {}
     with torch.no_grad():
-        out = model(inputs_embeds=inputs.inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                    **routing)
+        out = model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1, **routing)
     return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-def decode(pair: ModelPair, settings: Settings, batch: int) -> list[Row]:
-    """Greedy decode of ``decode_tokens`` tokens after an (untimed) prefill; per-token latency and tokens/s."""
-    inputs = llm_inputs(pair, batch)
+def decode_steps(model, cache, token, attention_mask, steps: int) -> None:
+    """Greedy decode; with a mask (uneven rows) it grows by one column per step, as in generate()."""
+    with torch.no_grad():
+        for _ in range(steps):
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+            out = model(input_ids=token, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def decode(pair: ModelPair, settings: Settings, batch: int, uneven: bool = False) -> list[Row]:
+    """Greedy decode of ``decode_tokens`` tokens after an (untimed) prefill; per-token latency and tokens/s.
+
+    ``uneven``: left-padded rows with different vision counts, so p-MoD layers keep different lengths per row
+    and every decode step masks filler slots (batched evaluation's case).
+    """
+    inputs = llm_inputs(pair, batch, uneven=uneven)
     per_token = {}
     for name, model in _models(pair):
         state = {}
@@ -119,19 +134,16 @@ def decode(pair: ModelPair, settings: Settings, batch: int) -> list[Row]:
             state["cache"], state["token"] = prefill_with_cache(model, inputs, name == "pmod")
 
         def run(model=model, state=state):
-            token, cache = state["token"], state["cache"]
-            with torch.no_grad():
-                for _ in range(settings.decode_tokens):
-                    out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    token = out.logits[:, -1].argmax(-1, keepdim=True)
+            decode_steps(model, state["cache"], state["token"], inputs.attention_mask, settings.decode_tokens)
 
         timing = measure(run, pair.device, settings.warmup, settings.repeats, setup=setup)
         per_token[name] = timing.median_s / settings.decode_tokens
     kv_ratio = _accounting(pair).kv_ratio
+    label = "decode, uneven rows" if uneven else "decode"
     return [
-        Row("decode, latency per token", batch, "ms", per_token["dense"] * 1e3, per_token["pmod"] * 1e3, kv_ratio,
+        Row(f"{label}, latency per token", batch, "ms", per_token["dense"] * 1e3, per_token["pmod"] * 1e3, kv_ratio,
             "KV bytes"),
-        Row("decode, throughput", batch, "tokens/s", batch / per_token["dense"], batch / per_token["pmod"],
+        Row(f"{label}, throughput", batch, "tokens/s", batch / per_token["dense"], batch / per_token["pmod"],
             1 / kv_ratio, "1 / KV bytes"),
     ]
 

@@ -1,4 +1,4 @@
-"""Prove that the p-MoD prefill's layer loop never makes the host wait for the GPU.
+"""Prove that the p-MoD layer loop never makes the host wait for the GPU, at prefill and at decode.
 
 ``torch.cuda.set_sync_debug_mode("error")`` turns every device-to-host synchronisation (``.item()``,
 ``.tolist()``, ``nonzero``, boolean indexing, ``if tensor``) into an exception. It is switched on by a hook
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.models import ModelPair, llm_inputs
-from benchmarks.suite import new_cache
+from benchmarks.suite import decode_steps, new_cache, prefill_with_cache
 
 
 def run_layer_loop_without_syncs(model, forward) -> None:
@@ -55,3 +55,14 @@ def check_prefill_syncs(pair: ModelPair, batch: int = 2) -> dict:
         run_layer_loop_without_syncs(model, forward)
         checked.append(f"prefill batch {batch}, use_cache={use_cache}")
     return {"passed": True, "checked": checked}
+
+
+def check_decode_syncs(pair: ModelPair, batch: int = 2, steps: int = 3) -> dict:
+    """Decode steps of a left-padded batch whose rows kept different lengths (masks for filler slots)."""
+    if pair.device.type != "cuda":
+        raise RuntimeError(f"--check-syncs needs --device cuda, got {pair.device}")
+    inputs = llm_inputs(pair, batch, uneven=True)
+    model = pair.pmod
+    cache, token = prefill_with_cache(model, inputs, is_pmod=True)
+    run_layer_loop_without_syncs(model, lambda: decode_steps(model, cache, token, inputs.attention_mask, steps))
+    return {"passed": True, "checked": [f"decode batch {batch} with uneven kept lengths, {steps} steps"]}

@@ -19,6 +19,7 @@ from benchmarks.suite import kv_cache
 
 EXPECTED_MEASUREMENTS = {
     "prefill, LLM only", "prefill, whole model (pixels)", "decode, latency per token", "decode, throughput",
+    "decode, uneven rows, latency per token", "decode, uneven rows, throughput",
     "training step (fwd+bwd, grad ckpt)", "training step, peak memory", "KV cache after prefill, measured",
     "KV cache after prefill, pmod.accounting",
 }
@@ -49,7 +50,8 @@ def test_quick_run_reports_environment_and_shapes(quick_result):
 def test_quick_run_measures_both_models(quick_result):
     rows = quick_result[0]["model"]
     assert {row["measurement"] for row in rows} == EXPECTED_MEASUREMENTS
-    assert {row["batch"] for row in rows if row["measurement"].startswith("decode")} == {1, 2}
+    assert {row["batch"] for row in rows if row["measurement"].startswith("decode, l")} == {1, 2}
+    assert {row["batch"] for row in rows if "uneven" in row["measurement"]} == {2}
     for row in rows:
         if row["unit"] == "MiB" and row["measurement"].startswith("training"):
             continue  # peak RSS growth can be 0 or n/a on CPU
@@ -144,12 +146,22 @@ def test_sync_check_refuses_cpu():
         check_prefill_syncs(pair)
 
 
+def test_uneven_inputs_are_left_padded_with_fewer_vision_tokens_per_row():
+    pair = build_pair(PRESETS["tiny"], torch.device("cpu"), torch.float32)
+    inputs = llm_inputs(pair, 4, uneven=True)
+    assert inputs.counts.n_target == (80, 70, 60, 50) and inputs.counts.n_valid == (104, 94, 84, 74)
+    assert inputs.attention_mask.sum(1).tolist() == list(inputs.counts.n_valid)
+    assert inputs.target_mask.sum(1).tolist() == list(inputs.counts.n_target)
+    assert not (inputs.target_mask & ~inputs.attention_mask).any() and inputs.attention_mask[:, -1].all()
+
+
 @pytest.mark.gpu
-def test_prefill_layer_loop_has_no_device_to_host_sync():
-    from benchmarks.syncs import check_prefill_syncs, run_layer_loop_without_syncs
+def test_layer_loop_has_no_device_to_host_sync_at_prefill_and_uneven_decode():
+    from benchmarks.syncs import check_decode_syncs, check_prefill_syncs, run_layer_loop_without_syncs
 
     pair = build_pair(PRESETS["tiny"], torch.device("cuda"), torch.bfloat16)
     assert check_prefill_syncs(pair)["passed"]
+    assert check_decode_syncs(pair)["passed"]
 
     layer = pair.pmod.get_model().layers[3]
     handle = layer.register_forward_hook(lambda module, args, output: output.sum().item())

@@ -18,6 +18,7 @@ from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
 from pmod.accounting import ModelShape, estimate  # noqa: E402
 from pmod.schedule import schedule_from_config  # noqa: E402
 
+pytestmark = pytest.mark.compat
 GREEDY = {"max_new_tokens": 4, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
 VARIANTS = {"dense_pad": (False, "pad"), "pmod_pad": (True, "pad"), "pmod_anyres": (True, "anyres")}
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("lmms_eval")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 from llava.eval.tiny_checkpoint import build_tiny_llava_checkpoint  # noqa: E402
 

@@ -21,6 +21,9 @@ from pmod_testing import (
     sample_images,
 )
 
+pytestmark = pytest.mark.compat
+
+
 @pytest.fixture(scope="module")
 def tower(tiny_models):
     return tiny_models.vision_tower

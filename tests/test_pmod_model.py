@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from llava.model import PmodLlavaConfig
 from llava.model.builder import load_pretrained_model
@@ -25,6 +26,7 @@ from pmod_testing import (
     tiny_config_kwargs,
 )
 
+pytestmark = pytest.mark.compat
 OFFICIAL_KEEP_576 = {
     0.5: [576] * 8 + [486, 464, 440, 414, 388, 360, 331, 302, 273, 244, 215, 187, 161, 135, 111, 89] + [86] * 8,
     0.4: [576] * 5 + [482, 466, 448, 428, 406, 382, 357, 330, 302, 274, 244, 215, 186, 158, 130, 103] + [86] * 11,
@@ -216,9 +218,10 @@ def test_sampling_and_beam_search_on_batches(tower):
         assert beams[row].tolist() == alone[0].tolist()
 
 
-def test_save_and_reload_round_trip(tower, tmp_path):
+def test_save_and_reload_round_trip(tiny_models, tower, tmp_path):
     model = build_pmod(tower)
     model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_models.llm).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "pmod_llava_llama"
     assert saved["mod_target_layers"] == "shiftedcos_decay_0.85_0.15"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from pmod.hf_compat import output_cache
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_pmod"
 CASES = {"A": "pmod-llava-v1.5-tiny", "B": "pmod-llava-next-tiny"}
+pytestmark = pytest.mark.compat
 
 
 def decode_pixels(case: str, lut: torch.Tensor) -> torch.Tensor:
@@ -34,10 +36,22 @@ def decode_pixels(case: str, lut: torch.Tensor) -> torch.Tensor:
     return pixels if case == "A" else pixels[None]
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tiny_models, tmp_path_factory):
+    """The official folders (with their sibling tiny_clip) plus a tokenizer: they ship none, the loader needs one."""
+    root = tmp_path_factory.mktemp("official") / "official_pmod"
+    shutil.copytree(FIXTURES, root)
+    for folder in CASES.values():
+        for item in Path(tiny_models.llm).iterdir():
+            if item.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(item, root / folder / item.name)
+    return root
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
-def case(request):
+def case(request, checkpoints):
     name = request.param
-    _, model, _, _ = load_pretrained_model(str(FIXTURES / CASES[name]), dtype=torch.float32)
+    _, model, _, _ = load_pretrained_model(str(checkpoints / CASES[name]), dtype=torch.float32)
     tensors = load_file(str(FIXTURES / f"case_{name}.safetensors"))
     meta = json.loads((FIXTURES / f"case_{name}.json").read_text())
     pixels = decode_pixels(name, tensors["pixel_lut"])

@@ -13,6 +13,8 @@ from PIL import Image
 from llava.eval.run_llava import answer, place_images
 from llava.eval.tiny_checkpoint import build_tiny_llava_checkpoint
 
+pytestmark = pytest.mark.compat
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_models, tmp_path_factory):

@@ -194,10 +194,11 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         if past_length > 0:
             if width == length:
                 raise NotImplementedError("p-MoD routes at prefill from an empty cache only (no chunked prefill)")
-            if width == past_length + length and cache.prefill_vision is not None:
-                valid = None if attention_mask is None else attention_mask.bool()
-                counts = token_counts if token_counts is not None and len(token_counts.n_target) == \
-                    mod_target_mask.shape[0] else TokenCounts.from_masks(mod_target_mask.bool(), valid)
+            if width == past_length + length and getattr(cache, "prefill_vision", None) is not None:
+                counts = token_counts
+                if counts is None or len(counts.n_target) != mod_target_mask.shape[0]:
+                    valid = None if attention_mask is None else attention_mask.bool()
+                    counts = TokenCounts.from_masks(mod_target_mask.bool(), valid)
                 if counts.n_target != cache.prefill_vision:
                     raise NotImplementedError(
                         "p-MoD routes vision tokens at prefill only: tokens that continue a filled cache must be "
@@ -205,7 +206,9 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
                     )
             return None
         if cache is not None and not isinstance(cache, PmodCache):
-            raise TypeError(f"a routed p-MoD prefill needs a PmodCache(config=model.config), got {type(cache).__name__}")
+            raise TypeError(
+                f"a routed p-MoD prefill needs a PmodCache(config=model.config), got {type(cache).__name__}"
+            )
         if width > length:
             raise ValueError(f"mod_target_mask covers {width} tokens but the input has {length}")
         valid_mask = torch.ones_like(mod_target_mask, dtype=torch.bool) if attention_mask is None \
