@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from PIL import Image
 
 from llava.constants import IMAGE_TOKEN_INDEX

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from llava.mm_utils import load_image_processor
-from llava.model.language_model.pmod_llama import PmodLlavaLlamaModel
-from pmod.cache import PmodCache
-from pmod.hf_compat import output_cache
 from pmod_testing import (
     NEXT_PROMPTS,
     NEXT_SIZES,
@@ -25,6 +20,11 @@ from pmod_testing import (
     random_images,
     sample_images,
 )
+
+from llava.mm_utils import load_image_processor
+from llava.model.language_model.pmod_llama import PmodLlavaLlamaModel
+from pmod.cache import PmodCache
+from pmod.hf_compat import output_cache
 
 pytestmark = pytest.mark.compat
 NEW_TEXT = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54]]

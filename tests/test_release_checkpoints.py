@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import run_command, subprocess_env
 from PIL import Image
+from pmod_testing import tiny_config_kwargs
+from release_files import HUB_TOWER, release_config, write_hub_tower, write_release, write_sentencepiece_tokenizer
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import process_images, tokenizer_image_token
@@ -24,8 +26,6 @@ from llava.model import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.builder import load_pretrained_model
 from llava.model.checkpoint_config import CheckpointConfigError, load_checkpoint_config
 from llava.model.tokenizer import TokenizerLoadError, load_tokenizer
-from pmod_testing import tiny_config_kwargs
-from release_files import HUB_TOWER, release_config, write_hub_tower, write_release, write_sentencepiece_tokenizer
 
 pytestmark = pytest.mark.compat
 VOCAB = 400

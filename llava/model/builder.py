@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM
 from llava.model.checkpoint_config import CheckpointConfigError, load_checkpoint_config
 from llava.model.llava_arch import load_projector_weights
-from llava.model.tokenizer import load_tokenizer
 from llava.model.multimodal_encoder.clip_encoder import resolve_tower_path
+from llava.model.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ def load_pretrained_model(
         try:
             model = AutoModelForCausalLM.from_pretrained(model_path, config=config, **load_kwargs)
         except ValueError as error:
-            raise CheckpointConfigError(f"{model_path}: not a LLaVA, p-MoD or causal-LM checkpoint ({error})") from error
+            raise CheckpointConfigError(
+                f"{model_path}: not a LLaVA, p-MoD or causal-LM checkpoint ({error})"
+            ) from error
         tokenizer_source = model_path
     if device_map is None:
         model.to(device)
