@@ -173,3 +173,9 @@ def test_uneven_batch_decode_reads_no_device_value_on_the_host():
             out = model(input_ids=torch.zeros(2, 1, dtype=torch.long, device="meta"), past_key_values=cache,
                         use_cache=True)
     assert out.logits.shape == (2, 1, 300) and out.logits.is_meta
+
+
+def test_generate_with_images_needs_the_cache(tower):
+    model = build_pmod(tower)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.generate(torch.tensor([[1, -200, 31]]), images=random_images(1), use_cache=False, max_new_tokens=2)

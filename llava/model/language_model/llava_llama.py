@@ -98,6 +98,9 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
         cache = pop_cache(kwargs)
         if images is None:
             return super().generate(inputs, attention_mask=attention_mask, **cache_kwargs(cache), **kwargs)
+        if kwargs.get("use_cache") is False:
+            raise ValueError("generate(images=..., use_cache=False) is not supported: transformers feeds the prompt "
+                             "embeddings only at the first step, so later steps would lose the image; use the cache")
         prepared = self.prepare_multimodal_inputs(inputs, attention_mask, None, images, image_sizes, padding_side="left")
         return super().generate(**self.generation_inputs(prepared, cache), **kwargs)
 

@@ -188,7 +188,7 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
 
         Routing happens at prefill, from an empty cache. With a filled cache the routing inputs belong to the
         prompt: a decode step of ``generate()``, or a longer prompt that continues the cached one, whose new
-        tokens must then be text. Without a cache, generated text tokens may follow the prompt's mask.
+        tokens must then be text.
         """
         width = mod_target_mask.shape[1]
         if past_length > 0:
@@ -209,13 +209,10 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
             raise TypeError(
                 f"a routed p-MoD prefill needs a PmodCache(config=model.config), got {type(cache).__name__}"
             )
-        if width > length:
+        if width != length:
             raise ValueError(f"mod_target_mask covers {width} tokens but the input has {length}")
         valid_mask = torch.ones_like(mod_target_mask, dtype=torch.bool) if attention_mask is None \
             else attention_mask.bool()
-        if width < length:  # generate() without a cache: the tokens after the prompt are generated text
-            mod_target_mask = torch.nn.functional.pad(mod_target_mask, (0, length - width), value=False)
-            token_counts = None
         target_mask = mod_target_mask.bool() & valid_mask
         if token_counts is None or len(token_counts.n_target) != target_mask.shape[0]:
             token_counts = TokenCounts.from_masks(target_mask, valid_mask)
