@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import fields
 
 import transformers
 from packaging.specifiers import SpecifierSet
@@ -53,6 +54,25 @@ def set_activation_checkpointing(model, enable: bool) -> None:
         getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
     else:
         getattr(model, f"{prefix}_checkpointing_disable")()
+
+
+def current_trainer_flags(argv: list[str]) -> list[str]:
+    """LLaVA-era Trainer flags under the installed release's names, so no release in the window warns.
+
+    transformers 5.24 renamed ``--gradient_checkpointing[_kwargs]`` to ``--activation_checkpointing[_kwargs]``
+    (the old names still work, with a FutureWarning); LLaVA's scripts pass the old ones.
+    """
+    from transformers import TrainingArguments
+
+    if "activation_checkpointing" not in {f.name for f in fields(TrainingArguments)}:
+        return list(argv)
+    renamed = []
+    for arg in argv:
+        flag, separator, value = arg.partition("=")
+        if flag in ("--gradient_checkpointing", "--gradient_checkpointing_kwargs"):
+            flag = flag.replace("gradient", "activation", 1)
+        renamed.append(flag + separator + value)
+    return renamed
 
 
 def check_transformers_version(version: str | None = None) -> bool:

@@ -143,3 +143,18 @@ def test_docs_say_how_to_move_the_window_and_refresh_the_lock():
                     if line.startswith("transformers"))
     assert f"`{declared}`" in install, f"docs/install.md does not state the window {declared}"
     assert Path(REPO_ROOT / "scripts" / "lock.sh").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--gradient_checkpointing", "--activation_checkpointing"])
+def test_llava_checkpointing_flag_parses_without_a_deprecation_warning(tiny_models, tiny_dataset, tmp_path, flag):
+    """LLaVA's scripts pass --gradient_checkpointing, which transformers 5.24 renamed."""
+    import warnings
+
+    from llava.train.train import parse_args, uses_activation_checkpointing
+
+    argv = ["--model_name_or_path", tiny_models.llm, "--data_path", tiny_dataset.instruct_json,
+            "--output_dir", str(tmp_path), flag, "True", "--use_cpu", "True", "--report_to", "none"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, _, training_args = parse_args(argv)
+    assert uses_activation_checkpointing(training_args)

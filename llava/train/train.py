@@ -34,6 +34,7 @@ from llava.train.llava_trainer import (
     is_peft_model,
     load_partial_state,
 )
+from pmod.hf_compat import current_trainer_flags
 from pmod.schedule import parse_schedule
 from pmod.weight_norm import parse_weight_norm
 
@@ -111,7 +112,7 @@ class TrainingArguments(transformers.TrainingArguments):
 
 def parse_args(argv=None):
     """Parse the three dataclasses; on a machine without CUDA, DeepSpeed runs need ``use_cpu`` (gloo)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = current_trainer_flags(sys.argv[1:] if argv is None else argv)
     if "--deepspeed" in argv and "--use_cpu" not in argv and not torch.cuda.is_available():
         argv += ["--use_cpu", "True"]
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
