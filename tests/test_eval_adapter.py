@@ -204,8 +204,10 @@ def test_efficiency_records_follow_schedule_and_accounting(checkpoints, tmp_path
 
 
 def test_bad_model_arguments_are_named(checkpoints):
-    with pytest.raises(TypeError, match="device_map"):
-        PmodLlava(pretrained=checkpoints["dense_pad"], device_map="auto")
+    with pytest.raises(TypeError, match=r"unknown model argument\(s\) temperature; accepted: pretrained, "):
+        PmodLlava(pretrained=checkpoints["dense_pad"], temperature="0")
+    with pytest.raises(ValueError, match="use_cache=False"):
+        PmodLlava(pretrained=checkpoints["dense_pad"], use_cache="False")
     with pytest.raises(ValueError, match="batch_size"):
         PmodLlava(pretrained=checkpoints["dense_pad"], batch_size="auto")
     with pytest.raises(ValueError, match="dtype"):
@@ -217,3 +219,20 @@ def test_bad_model_arguments_are_named(checkpoints):
 def test_multi_round_generation_is_explicitly_unsupported(adapters):
     with pytest.raises(NotImplementedError, match="multi-round"):
         adapters["dense_pad"].generate_until_multi_round([])
+
+
+def test_the_builtin_llava_models_arguments_work(checkpoints, tmp_path):
+    """lmms-eval's `llava` model arguments: device_map, customized_config, tie_weights, truncation, ..."""
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps({"tokenizer_model_max_length": 3000}))
+    lm = PmodLlava(pretrained=checkpoints["pmod_pad"], device_map="cpu", conv_template="vicuna_v1",
+                   customized_config=str(overrides), tie_weights="True", use_cache="True", truncation="True",
+                   truncate_context="False", attn_implementation="sdpa")
+    assert lm.device.type == "cpu" and lm.model.config.tokenizer_model_max_length == 3000
+    assert _generate(lm, _mixed_requests()[:2], 1) == _generate(PmodLlava(pretrained=checkpoints["pmod_pad"],
+                                                                          device="cpu"), _mixed_requests()[:2], 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="customized_config=.*JSON object"):
+        PmodLlava(pretrained=checkpoints["pmod_pad"], device="cpu", customized_config=str(bad))
+

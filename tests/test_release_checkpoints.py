@@ -146,6 +146,7 @@ def test_run_llava_and_the_chat_cli_answer_from_a_release(release, hub_cache, tm
     for checkpoint in (folder, ours):
         result = run_command([sys.executable, "-m", "llava.eval.run_llava", "--model-path", checkpoint,
                               "--image-file", image, "--query", QUESTION, "--temperature", "0",
+                              "--conv-mode", "vicuna_v1",
                               "--max_new_tokens", "6", "--device", "cpu"], env=env)
         answers.append(result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "")
     assert answers[0] and answers[0] == answers[1]

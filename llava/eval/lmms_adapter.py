@@ -13,8 +13,11 @@ lmms-eval is imported here only; the rest of the package does not need it.
 
 import contextlib
 import gc
+import inspect
+import json
 import logging
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -50,6 +53,24 @@ def parse_dtype(dtype: Any) -> Optional[torch.dtype]:
         raise ValueError(f"pmod_llava: dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
 
 
+def _as_bool(value: Any) -> bool:
+    """lmms-eval passes model arguments as strings ("False")."""
+    return value if isinstance(value, bool) else str(value).strip().lower() not in ("false", "0", "no", "")
+
+
+def _read_config_overrides(path: Optional[str]) -> Optional[dict]:
+    """`customized_config=FILE.json`: config values to set before the model is built."""
+    if not path:
+        return None
+    try:
+        overrides = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"pmod_llava: customized_config={path}: not a readable JSON file ({error})") from error
+    if not isinstance(overrides, dict):
+        raise ValueError(f"pmod_llava: customized_config={path} must hold a JSON object of config values")
+    return overrides
+
+
 def _default_device(device: Optional[str]) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,6 +87,12 @@ class PmodLlava(lmms):
     For evaluation during training pass `model`, `tokenizer` and `image_processor` instead of `pretrained`;
     the model is put in eval mode while answering and given back in the mode it had. `max_batch_size` is
     accepted (lmms-eval passes it) and ignored.
+
+    The arguments of lmms-eval's built-in `llava` model work too: `device_map` (`auto` spreads the model over
+    the GPUs of one process; a device name is the device), `customized_config` (a JSON file of config values
+    set before the model is built), `tie_weights`, `use_cache` (must stay True: generation with images needs
+    the cache), and `truncation` / `truncate_context`, accepted with no effect (prompts are never cut here;
+    the model truncates after image expansion, at the checkpoint's `tokenizer_model_max_length`).
     """
 
     is_simple = True
@@ -86,11 +113,22 @@ class PmodLlava(lmms):
         model: Optional[torch.nn.Module] = None,
         tokenizer: Any = None,
         image_processor: Any = None,
+        device_map: Optional[str] = None,
+        customized_config: Optional[str] = None,
+        tie_weights: Any = True,
+        use_cache: Any = True,
+        truncation: Any = True,
+        truncate_context: Any = False,
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:
-            raise TypeError(f"pmod_llava: unknown model argument(s) {sorted(unknown)}; see the PmodLlava docstring")
+            accepted = [name for name in inspect.signature(PmodLlava.__init__).parameters
+                        if name not in ("self", "unknown")]
+            raise TypeError(f"pmod_llava: unknown model argument(s) {', '.join(sorted(unknown))}; "
+                            f"accepted: {', '.join(accepted)}")
+        if not _as_bool(use_cache):
+            raise ValueError("pmod_llava: use_cache=False is not supported (generation with images needs the cache)")
         try:
             self.batch_size_per_gpu = int(batch_size)
         except (TypeError, ValueError):
@@ -105,14 +143,18 @@ class PmodLlava(lmms):
         elif pretrained is None:
             raise ValueError("pmod_llava: pass pretrained=<checkpoint folder> (or model/tokenizer/image_processor)")
         else:
-            self._load(str(pretrained), model_base, model_name, device, attn_implementation, parse_dtype(dtype))
+            self._load(str(pretrained), model_base, model_name, device, attn_implementation, parse_dtype(dtype),
+                       device_map, _read_config_overrides(customized_config))
+            if _as_bool(tie_weights):
+                self._model.tie_weights()
 
         self._pad_token_id = (self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None
                               else self._tokenizer.eos_token_id)
         self.efficiency = (EfficiencyLog(self._model.config, efficiency_dir, self._rank, self._model.dtype)
                            if log_efficiency else None)
 
-    def _load(self, pretrained, model_base, model_name, device, attn_implementation, dtype) -> None:
+    def _load(self, pretrained, model_base, model_name, device, attn_implementation, dtype, device_map,
+              overwrite_config) -> None:
         from accelerate import Accelerator, InitProcessGroupKwargs
 
         from llava.model.builder import load_pretrained_model
@@ -124,11 +166,16 @@ class PmodLlava(lmms):
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes
         else:
-            self._device = _default_device(device)
+            single_device = device_map if device_map not in (None, "auto") else device
+            self._device = _default_device(single_device)
+        spread = device_map == "auto" and accelerator.num_processes == 1
         self._tokenizer, model, self._image_processor, self._max_length = load_pretrained_model(
             pretrained, model_base, model_name, device=str(self._device), dtype=dtype,
-            attn_implementation=attn_implementation)
-        self._model = model.to(self._device).eval()
+            attn_implementation=attn_implementation, device_map="auto" if spread else None,
+            overwrite_config=overwrite_config)
+        self._model = (model if spread else model.to(self._device)).eval()
+        if spread:
+            self._device = model.device
         self._tokenizer.padding_side = "left"
         logger.info("pmod_llava: %s on %s (rank %d of %d)", pretrained, self._device, self._rank, self._world_size)
 

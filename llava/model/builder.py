@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM
 from llava.model.checkpoint_config import CheckpointConfigError, load_checkpoint_config
 from llava.model.llava_arch import load_projector_weights
+from llava.model.quantization import bnb_config
 from llava.model.multimodal_encoder.clip_encoder import resolve_tower_path
 from llava.model.tokenizer import load_tokenizer
 
@@ -36,21 +37,30 @@ def load_pretrained_model(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str = "sdpa",
     vision_tower_path: str | None = None,
+    overwrite_config: dict | None = None,
     **kwargs,
 ):
     """Return (tokenizer, model, image_processor, context_len) for a LLaVA / p-MoD / plain LLM checkpoint.
 
     ``model_name`` is accepted for compatibility with LLaVA's signature and ignored: the config decides.
     With ``model_base``, ``model_path`` is a stage-1 folder (config + ``mm_projector.bin``) applied to the base
-    LLM. ``vision_tower_path`` overrides the tower named in the config (e.g. a local copy of a hub tower).
+    LLM. ``vision_tower_path`` overrides the tower named in the config (e.g. a local copy of a hub tower);
+    ``overwrite_config`` sets config values before the model is built (lmms-eval's ``customized_config``).
+    ``load_8bit`` / ``load_4bit`` quantise the LLM's linear layers with bitsandbytes (CUDA only).
     """
-    if load_8bit or load_4bit:
-        raise NotImplementedError("8/4-bit loading is not supported; load in float16/bfloat16 instead")
+    if load_8bit and load_4bit:
+        raise ValueError("choose one of --load-8bit and --load-4bit")
     dtype = _as_dtype(dtype) or default_dtype(device)
     model_path = str(model_path)
     config = load_checkpoint_config(model_path)
+    for key, value in (overwrite_config or {}).items():
+        setattr(config, key, value)
     _resolve_tower(config, model_path, vision_tower_path)
     load_kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    if load_8bit or load_4bit:
+        bits = 8 if load_8bit else 4
+        load_kwargs["quantization_config"] = bnb_config(bits, dtype, f"--load-{bits}bit")
+        device_map = device_map or {"": device}
     if device_map is not None:
         load_kwargs["device_map"] = device_map
 

@@ -33,7 +33,9 @@ def load_checkpoint_config(path: str, **kwargs) -> PretrainedConfig:
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(path, **kwargs)
     except OSError as error:
-        raise CheckpointConfigError(f"{path}: no readable config.json ({error})") from error
+        where = "a folder without a readable config.json" if Path(path).exists() else \
+            "no such folder, and no hub model of that name could be read"
+        raise CheckpointConfigError(f"{path}: {where} ({error})") from error
     model_type = config_dict.get("model_type")
     architectures = tuple(config_dict.get("architectures") or ())
     if model_type in OUR_MODEL_TYPES:

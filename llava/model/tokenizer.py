@@ -33,7 +33,8 @@ def load_tokenizer(source: str, **kwargs):
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, ImportError) as error:
-        message = f"no tokenizer could be loaded from {source} ({type(error).__name__}: {error})"
+        reason = " ".join(str(error).split())
+        message = f"no tokenizer could be loaded from {source} ({type(error).__name__}: {reason})"
         cause = sentencepiece_problem() if (Path(source) / "tokenizer.model").is_file() else None
         if cause:
             message += (f". Its tokenizer.model is a SentencePiece model, which this environment cannot read: {cause}"

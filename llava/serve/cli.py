@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from transformers import TextStreamer
 
 from llava.conversation import get_conv_template
 from llava.eval.run_llava import (
+    add_model_arguments,
+    default_conv_mode,
     generate_reply,
+    load_for_inference,
     load_image,
     place_images,
+    run_cli,
     sampling_kwargs,
 )
 
@@ -51,24 +54,22 @@ def chat(model, tokenizer, image_processor, image, conv_mode: str, generate_kwar
 
 
 def main(argv=None) -> None:
-    from llava.model.builder import load_pretrained_model
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--model-base", default=None, help="base LLM for a stage-1 (projector only) folder")
-    parser.add_argument("--image-file", required=True)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--conv-mode", default="vicuna_v1")
+    add_model_arguments(parser)
+    parser.add_argument("--image-file", "--image_file", dest="image_file", required=True,
+                        help="an image path, URL or base64 string")
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=512)
     parser.add_argument("--debug", action="store_true", help="print each prompt and reply")
     args = parser.parse_args(argv)
-    get_conv_template(args.conv_mode)  # an unknown template fails before the model loads
+    if args.conv_mode is not None:
+        get_conv_template(args.conv_mode)  # an unknown template fails before the model loads
     image = load_image(args.image_file)
-    tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, args.model_base, device=args.device)
+    tokenizer, model, image_processor = load_for_inference(args)
+    conv_mode = args.conv_mode or default_conv_mode(model, args.model_path)
     generate_kwargs = sampling_kwargs(args.temperature, None, 1, args.max_new_tokens)
-    chat(model, tokenizer, image_processor, image, args.conv_mode, generate_kwargs, debug=args.debug)
+    chat(model, tokenizer, image_processor, image, conv_mode, generate_kwargs, debug=args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

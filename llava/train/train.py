@@ -25,6 +25,7 @@ from llava.conversation import get_conv_template
 from llava.mm_utils import anyres_grid_pinpoints, is_anyres
 from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM  # also registers the config types
 from llava.model.checkpoint_config import load_checkpoint_config
+from llava.model.quantization import bnb_config
 from llava.model.tokenizer import load_tokenizer
 from llava.train.dataset import make_supervised_data_module
 from llava.train.llava_trainer import (
@@ -230,20 +231,12 @@ def compute_dtype_of(training_args: TrainingArguments) -> torch.dtype:
 
 
 def quantization_kwargs(training_args: TrainingArguments, compute_dtype: torch.dtype) -> dict:
-    """4/8-bit loading (QLoRA); the projector stays in full precision."""
+    """4/8-bit loading (QLoRA); routers, projector, tower and head stay in full precision."""
     if training_args.bits == 16:
         return {}
-    return {
-        "quantization_config": transformers.BitsAndBytesConfig(
-            load_in_4bit=training_args.bits == 4,
-            load_in_8bit=training_args.bits == 8,
-            llm_int8_skip_modules=["mm_projector"],
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_use_double_quant=training_args.double_quant,
-            bnb_4bit_quant_type=training_args.quant_type,
-        ),
-        "device_map": {"": training_args.device},
-    }
+    config = bnb_config(training_args.bits, compute_dtype, f"--bits {training_args.bits}",
+                        training_args.double_quant, training_args.quant_type)
+    return {"quantization_config": config, "device_map": {"": training_args.device}}
 
 
 def build_tokenizer(model_args: ModelArguments, training_args: TrainingArguments):
@@ -301,6 +294,7 @@ def configure_multimodal(model, vision_tower, model_args, data_args, training_ar
     config.max_num_sub_images = data_args.max_num_sub_images
     config.tokenizer_padding_side = "right"
     config.tokenizer_model_max_length = training_args.model_max_length
+    config.conv_template = model_args.version  # inference picks the template the model was trained with
     config.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
     config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
     config.mm_use_im_start_end = model_args.mm_use_im_start_end
