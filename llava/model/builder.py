@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM
 from llava.model.checkpoint_config import CheckpointConfigError, load_checkpoint_config
 from llava.model.llava_arch import load_projector_weights
+from llava.model.lora import is_lora_folder, load_lora_model, lora_base, lora_config
 from llava.model.quantization import bnb_config
 from llava.model.multimodal_encoder.clip_encoder import resolve_tower_path
 from llava.model.tokenizer import load_tokenizer
@@ -43,8 +44,8 @@ def load_pretrained_model(
     """Return (tokenizer, model, image_processor, context_len) for a LLaVA / p-MoD / plain LLM checkpoint.
 
     ``model_name`` is accepted for compatibility with LLaVA's signature and ignored: the config decides.
-    With ``model_base``, ``model_path`` is a stage-1 folder (config + ``mm_projector.bin``) applied to the base
-    LLM. ``vision_tower_path`` overrides the tower named in the config (e.g. a local copy of a hub tower);
+    With ``model_base``, ``model_path`` is a stage-1 folder (config + ``mm_projector.bin``) or a LLaVA-style
+    LoRA folder (``llava.model.lora``, merged on load) applied to the base LLM. ``vision_tower_path`` overrides the tower named in the config (e.g. a local copy of a hub tower);
     ``overwrite_config`` sets config values before the model is built (lmms-eval's ``customized_config``).
     ``load_8bit`` / ``load_4bit`` quantise the LLM's linear layers with bitsandbytes (CUDA only).
     """
@@ -52,7 +53,8 @@ def load_pretrained_model(
         raise ValueError("choose one of --load-8bit and --load-4bit")
     dtype = _as_dtype(dtype) or default_dtype(device)
     model_path = str(model_path)
-    config = load_checkpoint_config(model_path)
+    lora = is_lora_folder(model_path)
+    config = lora_config(model_path)[0] if lora else load_checkpoint_config(model_path)
     for key, value in (overwrite_config or {}).items():
         setattr(config, key, value)
     _resolve_tower(config, model_path, vision_tower_path)
@@ -65,7 +67,12 @@ def load_pretrained_model(
         load_kwargs["device_map"] = device_map
 
     model_class = MULTIMODAL_CLASSES.get(config.model_type)
-    if model_base is not None:
+    if lora:
+        if model_class is None:
+            raise CheckpointConfigError(f"{model_path}: a LoRA folder whose config is not a LLaVA / p-MoD one")
+        tokenizer_source = lora_base(model_path, model_base)
+        model = load_lora_model(model_path, tokenizer_source, model_class, config, load_kwargs)
+    elif model_base is not None:
         model = _load_projector_checkpoint(model_path, model_base, config, model_class, load_kwargs)
         tokenizer_source = model_base
     elif model_class is not None:

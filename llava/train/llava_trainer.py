@@ -122,11 +122,13 @@ class LLaVATrainer(Trainer):
             logger.info("Saved %d projector tensors to %s", len(weights), output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """LoRA saves are LLaVA-style folders: adapter, non-LoRA trainables and the model config."""
         super()._save(output_dir, state_dict)
         if not (is_peft_model(self.model) and self.args.should_save):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         save_file(non_lora_trainables(self.model, state_dict), os.path.join(output_dir, NON_LORA_FILE))
+        self.accelerator.unwrap_model(self.model).get_base_model().config.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
