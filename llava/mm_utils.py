@@ -5,6 +5,7 @@ Images are PIL images in and float tensors out; sizes are (width, height) throug
 
 import ast
 import math
+import re
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -64,6 +65,22 @@ def parse_grid_pinpoints(grid_pinpoints) -> List[Resolution]:
     if not grid_pinpoints:
         raise ValueError("image_grid_pinpoints is empty; anyres needs at least one (width, height) pinpoint")
     return [(int(w), int(h)) for w, h in grid_pinpoints]
+
+
+def grid_pinpoints_from_flag(text: str, tile_size: int) -> List[List[int]]:
+    """`--image_grid_pinpoints` as LLaVA-NeXT scripts write it: pixel pairs "[(336, 672), (672, 336), ...]", or a
+    tile-grid range "(1x1),...,(3x3)" (every grid from the first to the last, times the tile size)."""
+    grids = re.findall(r"\((\d+)x(\d+)\)", text)
+    if grids and "..." in text:
+        (first_w, first_h), (last_w, last_h) = (tuple(map(int, grid)) for grid in (grids[0], grids[-1]))
+        return [[w * tile_size, h * tile_size] for w in range(first_w, last_w + 1) for h in range(first_h, last_h + 1)]
+    if grids:
+        return [[int(w) * tile_size, int(h) * tile_size] for w, h in grids]
+    try:
+        return [list(pair) for pair in parse_grid_pinpoints(text)]
+    except (ValueError, SyntaxError, TypeError) as error:
+        raise ValueError(f"--image_grid_pinpoints {text!r}: expected \"[(w, h), ...]\" in pixels or \"(1x1),...,(3x3)\" "
+                         f"in tiles ({error})") from error
 
 
 def anyres_grid_pinpoints(max_num_sub_images: int, tile_size: int) -> List[List[int]]:

@@ -56,21 +56,26 @@ def set_activation_checkpointing(model, enable: bool) -> None:
         getattr(model, f"{prefix}_checkpointing_disable")()
 
 
-def current_trainer_flags(argv: list[str]) -> list[str]:
-    """LLaVA-era Trainer flags under the installed release's names, so no release in the window warns.
+# LLaVA-era Trainer flags -> their current names: transformers 5 removed the first two (warmup_steps < 1 is a
+# ratio now); 5.24 renamed gradient checkpointing (the old names still work there, with a FutureWarning).
+RENAMED_TRAINER_FLAGS = {
+    "--evaluation_strategy": "--eval_strategy",
+    "--warmup_ratio": "--warmup_steps",
+    "--gradient_checkpointing": "--activation_checkpointing",
+    "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs",
+}
 
-    transformers 5.24 renamed ``--gradient_checkpointing[_kwargs]`` to ``--activation_checkpointing[_kwargs]``
-    (the old names still work, with a FutureWarning); LLaVA's scripts pass the old ones.
-    """
+
+def current_trainer_flags(argv: list[str]) -> list[str]:
+    """LLaVA-era Trainer flags under the installed release's names, so LLaVA's scripts run without warnings."""
     from transformers import TrainingArguments
 
-    if "activation_checkpointing" not in {f.name for f in fields(TrainingArguments)}:
-        return list(argv)
+    known = {f"--{f.name}" for f in fields(TrainingArguments)}
     renamed = []
     for arg in argv:
         flag, separator, value = arg.partition("=")
-        if flag in ("--gradient_checkpointing", "--gradient_checkpointing_kwargs"):
-            flag = flag.replace("gradient", "activation", 1)
+        if RENAMED_TRAINER_FLAGS.get(flag) in known:
+            flag = RENAMED_TRAINER_FLAGS[flag]
         renamed.append(flag + separator + value)
     return renamed
 

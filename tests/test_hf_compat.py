@@ -158,3 +158,14 @@ def test_llava_checkpointing_flag_parses_without_a_deprecation_warning(tiny_mode
         warnings.simplefilter("error", FutureWarning)
         _, _, training_args = parse_args(argv)
     assert uses_activation_checkpointing(training_args)
+
+
+def test_llava_era_trainer_flags_take_their_current_names(tiny_models, tiny_dataset, tmp_path):
+    """LLaVA's scripts pass --evaluation_strategy and --warmup_ratio, which transformers 5 removed."""
+    from llava.train.train import parse_args
+
+    argv = ["--model_name_or_path", tiny_models.llm, "--data_path", tiny_dataset.instruct_json,
+            "--output_dir", str(tmp_path), "--use_cpu", "True", "--report_to", "none",
+            "--evaluation_strategy", "no", "--warmup_ratio=0.03"]
+    _, _, training_args = parse_args(argv)
+    assert training_args.eval_strategy == "no" and training_args.warmup_steps == pytest.approx(0.03)

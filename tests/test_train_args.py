@@ -45,6 +45,11 @@ def base_argv(tiny_models, tiny_dataset, tmp_path, *extra):
         (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "flat"], "--mm_patch_merge_type"),
         (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad", "--max_num_sub_images", "6"],
          "--max_num_sub_images"),
+        (["--mm_vision_tower_lr", "2e-6"], "--unfreeze_mm_vision_tower"),
+        (["--tune_mm_mlp_adapter", "True", "--unfreeze_mm_vision_tower", "True"], "--unfreeze_mm_vision_tower"),
+        (["--image_grid_pinpoints", "[(336, 672)]"], "--image_grid_pinpoints needs"),
+        (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad", "--image_grid_pinpoints",
+          "big"], "--image_grid_pinpoints 'big'"),
     ],
 )
 def test_bad_flags_are_rejected_before_a_model_is_built(no_model_build, tiny_models, tiny_dataset, tmp_path,
@@ -203,3 +208,45 @@ def test_anyres_records_grid_pinpoints(tiny_models, tiny_dataset, tmp_path):
     assert model.config.image_grid_pinpoints == data_args.image_grid_pinpoints
     assert [tile, 2 * tile] in data_args.image_grid_pinpoints and [2 * tile, 2 * tile] in data_args.image_grid_pinpoints
     assert model.config.image_aspect_ratio == "anyres" and model.config.max_num_sub_images == 4
+
+
+@pytest.mark.parametrize("flag, tiles", [
+    ("[(56, 112), (112, 56), (112, 112)]", [[1, 2], [2, 1], [2, 2]]),
+    ("(1x1),...,(2x3)", [[1, 1], [1, 2], [1, 3], [2, 1], [2, 2], [2, 3]]),
+])
+def test_image_grid_pinpoints_as_llava_next_writes_them(tiny_models, tiny_dataset, tmp_path, flag, tiles):
+    from llava.train.train import build_model, parse_args, validate_args
+
+    model_args, data_args, training_args = parse_args(base_argv(
+        tiny_models, tiny_dataset, tmp_path, "--image_aspect_ratio", "anyres", "--mm_patch_merge_type",
+        "spatial_unpad", "--image_grid_pinpoints", flag, "--use_cpu", "True",
+    ))
+    model = build_model(model_args, data_args, training_args, torch.float32,
+                        validate_args(model_args, data_args, training_args))
+    tile = data_args.image_processor.crop_size["height"]
+    assert data_args.image_grid_pinpoints == [[w * tile, h * tile] for w, h in tiles]
+    assert model.config.image_grid_pinpoints == data_args.image_grid_pinpoints
+
+
+def test_unfrozen_vision_tower_trains_at_its_own_learning_rate(tiny_models, tiny_dataset, tmp_path):
+    from llava.train.llava_trainer import LLaVATrainer
+    from llava.train.train import build_model, configure_trainable, parse_args, validate_args
+
+    trainable, _ = trainable_groups(tiny_models, tiny_dataset, tmp_path, "--unfreeze_mm_vision_tower", "True")
+    assert trainable["tower"] and trainable["llm"] and trainable["projector"]
+    model_args, data_args, training_args = parse_args(base_argv(
+        tiny_models, tiny_dataset, tmp_path, "--unfreeze_mm_vision_tower", "True", "--mm_vision_tower_lr", "2e-6",
+        "--mm_projector_lr", "3e-5", "--learning_rate", "1e-4", "--use_cpu", "True", "--mm_projector_type", "mlp2x_gelu",
+    ))
+    model = build_model(model_args, data_args, training_args, torch.float32,
+                        validate_args(model_args, data_args, training_args))
+    configure_trainable(model, model_args, training_args)
+    assert model.config.unfreeze_mm_vision_tower and model.config.mm_vision_tower_lr == 2e-6
+    optimizer = LLaVATrainer(model=model, args=training_args).create_optimizer()
+    lr_of = {id(param): group["lr"] for group in optimizer.param_groups for param in group["params"]}
+    named = dict(model.named_parameters())
+    tower = [name for name in named if "vision_tower" in name]
+    assert tower and all(lr_of[id(named[name])] == 2e-6 for name in tower)
+    assert lr_of[id(named["model.mm_projector.0.weight"])] == 3e-5
+    assert lr_of[id(named["model.layers.0.mlp.up_proj.weight"])] == 1e-4
+

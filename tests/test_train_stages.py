@@ -185,3 +185,21 @@ def test_stage1_resume_restores_the_projector(pretrain_run, tiny_models, tiny_da
     resumed = torch.load(resumed_dir / "mm_projector.bin", weights_only=True)
     for key, value in full.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_train_mem_entry_trains_the_unfrozen_tower(tiny_models, tiny_dataset, tmp_path):
+    """`llava/train/train_mem.py` (what LLaVA's and p-MoD's scripts launch), run as a file, with the tower unfrozen."""
+    import sys
+
+    output_dir = tmp_path / "train-mem"
+    flags = stage2_flags(tiny_models, tiny_dataset, output_dir, max_steps=1, unfreeze_mm_vision_tower=True,
+                         mm_vision_tower_lr=1e-3)
+    run_command([sys.executable, "llava/train/train_mem.py", *flags])
+    weights = load_file(output_dir / "model.safetensors")
+    tower = load_file(Path(tiny_models.vision_tower) / "model.safetensors")
+    key = next(k for k in tower if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+    saved = next(v for k, v in weights.items() if k.startswith("model.vision_tower.") and k.endswith(key))
+    assert not torch.equal(saved, tower[key]), "the unfrozen tower must train"
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["unfreeze_mm_vision_tower"] is True and config["mm_vision_tower_lr"] == 1e-3
+

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers.utils import is_flash_attn_2_available
 
 from llava.conversation import get_conv_template
-from llava.mm_utils import anyres_grid_pinpoints, is_anyres
+from llava.mm_utils import anyres_grid_pinpoints, grid_pinpoints_from_flag, is_anyres
 from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM  # also registers the config types
 from llava.model.checkpoint_config import load_checkpoint_config
 from llava.model.quantization import bnb_config
@@ -63,6 +63,9 @@ class ModelArguments:
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
     mm_patch_merge_type: str = "flat"
+    unfreeze_mm_vision_tower: bool = field(
+        default=False, metadata={"help": "train the vision tower too (LLaVA-NeXT), at --mm_vision_tower_lr"}
+    )
     mod_target_layers: str | None = field(
         default=None, metadata={"help": "p-MoD schedule, e.g. shiftedcos_decay_0.85_0.15; unset = dense LLaVA"}
     )
@@ -85,6 +88,9 @@ class DataArguments:
     image_folder: str | None = None
     image_aspect_ratio: str = "square"
     max_num_sub_images: int = field(default=4, metadata={"help": "anyres: most tiles per image (p-MoD)"})
+    image_grid_pinpoints: str | None = field(
+        default=None, metadata={"help": "anyres canvases as LLaVA-NeXT writes them, instead of --max_num_sub_images"}
+    )
 
 
 @dataclass
@@ -124,7 +130,6 @@ def parse_args(argv=None):
     data_args.version = model_args.version
     data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
     data_args.image_processor = None
-    data_args.image_grid_pinpoints = None
     if isinstance(training_args.resume_from_checkpoint, str) and training_args.resume_from_checkpoint.lower() == "true":
         training_args.resume_from_checkpoint = True
     return model_args, data_args, training_args
@@ -152,6 +157,11 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
             raise ValueError(f"--{flag} True is not supported (LLaVA-1.5, LLaVA-NeXT and p-MoD train with False)")
     if model_args.tune_mm_mlp_adapter and not model_args.vision_tower:
         raise ValueError("--tune_mm_mlp_adapter needs --vision_tower")
+    if model_args.unfreeze_mm_vision_tower and (model_args.tune_mm_mlp_adapter or not model_args.vision_tower):
+        raise ValueError("--unfreeze_mm_vision_tower is a stage-2 option and needs --vision_tower")
+    if training_args.mm_vision_tower_lr is not None and not model_args.unfreeze_mm_vision_tower:
+        raise ValueError("--mm_vision_tower_lr would be ignored: the vision tower is frozen unless "
+                         "--unfreeze_mm_vision_tower True")
     if model_args.pretrain_mm_mlp_adapter and not os.path.isfile(model_args.pretrain_mm_mlp_adapter):
         raise ValueError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter!r} is not a file")
     _validate_image_args(model_args, data_args)
@@ -190,7 +200,11 @@ def _validate_image_args(model_args: ModelArguments, data_args: DataArguments) -
     """AnyRes needs the spatial_unpad merge and a supported tile budget; other aspect modes are square / pad."""
     if not is_anyres(data_args.image_aspect_ratio):
         _check_choice("--image_aspect_ratio", data_args.image_aspect_ratio, ("square", "pad", "anyres", "anyres_max_N"))
+        if data_args.image_grid_pinpoints:
+            raise ValueError("--image_grid_pinpoints needs --image_aspect_ratio anyres")
         return
+    if data_args.image_grid_pinpoints:
+        grid_pinpoints_from_flag(data_args.image_grid_pinpoints, 1)
     merge = model_args.mm_patch_merge_type
     if not (merge.startswith("spatial") and "unpad" in merge):
         raise ValueError(f"--image_aspect_ratio {data_args.image_aspect_ratio} needs --mm_patch_merge_type "
@@ -287,7 +301,9 @@ def configure_multimodal(model, vision_tower, model_args, data_args, training_ar
     data_args.is_multimodal = True
     if data_args.image_aspect_ratio.startswith("anyres"):
         tile = vision_tower.image_processor.crop_size["height"]
-        data_args.image_grid_pinpoints = anyres_grid_pinpoints(data_args.max_num_sub_images, tile)
+        flag = data_args.image_grid_pinpoints
+        data_args.image_grid_pinpoints = grid_pinpoints_from_flag(flag, tile) if flag else \
+            anyres_grid_pinpoints(data_args.max_num_sub_images, tile)
     config = model.config
     config.image_aspect_ratio = data_args.image_aspect_ratio
     config.image_grid_pinpoints = data_args.image_grid_pinpoints
@@ -296,6 +312,8 @@ def configure_multimodal(model, vision_tower, model_args, data_args, training_ar
     config.tokenizer_model_max_length = training_args.model_max_length
     config.conv_template = model_args.version  # inference picks the template the model was trained with
     config.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+    config.unfreeze_mm_vision_tower = model_args.unfreeze_mm_vision_tower
+    config.mm_vision_tower_lr = training_args.mm_vision_tower_lr
     config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
     config.mm_use_im_start_end = model_args.mm_use_im_start_end
     config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
@@ -304,7 +322,8 @@ def configure_multimodal(model, vision_tower, model_args, data_args, training_ar
 
 
 def configure_trainable(model, model_args: ModelArguments, training_args: TrainingArguments) -> None:
-    """Stage 1: projector only. Stage 2: everything but the vision tower (and the backbone if frozen)."""
+    """Stage 1: projector only. Stage 2: everything but the vision tower (unless unfrozen, and the backbone if
+    frozen)."""
     if model_args.freeze_backbone:
         for name, param in model.get_model().named_parameters():
             param.requires_grad_(any(part in name for part in NEW_MODULES))
@@ -315,7 +334,7 @@ def configure_trainable(model, model_args: ModelArguments, training_args: Traini
             projector.requires_grad_(True)
         if training_args.freeze_mm_mlp_adapter:
             projector.requires_grad_(False)
-        model.get_vision_tower().requires_grad_(False)
+        model.get_vision_tower().requires_grad_(model_args.unfreeze_mm_vision_tower)
     if uses_activation_checkpointing(training_args):
         model.enable_input_require_grads()
 
@@ -329,8 +348,8 @@ def lora_target_modules(model) -> list[str]:
     )
 
 
-def apply_lora(model, training_args: TrainingArguments):
-    """Wrap the LLM linears with LoRA; projector, routers and image_newline stay fully trainable."""
+def apply_lora(model, training_args: TrainingArguments, unfreeze_vision_tower: bool = False):
+    """Wrap the LLM linears with LoRA; projector, routers, image_newline (and an unfrozen tower) train in full."""
     if training_args.lora_weight_path:
         model = PeftModel.from_pretrained(model, training_args.lora_weight_path, is_trainable=True)
         extra = os.path.join(training_args.lora_weight_path, NON_LORA_FILE)
@@ -345,8 +364,9 @@ def apply_lora(model, training_args: TrainingArguments):
         )
         model = get_peft_model(model, lora_config)
         extra = None
+    fully_trained = NEW_MODULES + (("vision_tower",) if unfreeze_vision_tower else ())
     for name, param in model.named_parameters():
-        if any(part in name for part in NEW_MODULES):
+        if any(part in name for part in fully_trained):
             param.requires_grad_(not ("mm_projector" in name and training_args.freeze_mm_mlp_adapter))
     if extra and os.path.isfile(extra):
         load_partial_state(model, load_file(extra))
@@ -412,7 +432,7 @@ def train(argv=None) -> None:
     model = build_model(model_args, data_args, training_args, compute_dtype, llm_config)
     configure_trainable(model, model_args, training_args)
     if training_args.lora_enable:
-        model = apply_lora(model, training_args)
+        model = apply_lora(model, training_args, model_args.unfreeze_mm_vision_tower)
     data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args)
 
     trainer = LLaVATrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
