@@ -8,6 +8,8 @@ positions of its requests, so every request still resolves its own task, split a
 import json
 from typing import Any, Callable, Dict, Hashable, Iterator, List, Sequence, Tuple, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -45,3 +47,15 @@ def restore_order(size: int, answered: Sequence[Tuple[int, Any]]) -> List[Any]:
     if missing:
         raise RuntimeError(f"no answer was produced for request(s) {missing[:10]}")
     return result
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as left-padded ``input_ids`` and ``attention_mask`` (batched generation pads on the left)."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+

@@ -26,7 +26,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava.eval.batching import kwargs_key, plan_batches, restore_order
+from llava.eval.batching import kwargs_key, left_pad, plan_batches, restore_order
 from llava.eval.efficiency import EfficiencyLog, kept_vision_per_layer
 from llava.eval.generation import plan_generation, truncate_at_stop_strings
 from llava.eval.prompting import build_prompt
@@ -267,12 +267,7 @@ class PmodLlava(lmms):
         return list(tokenizer_image_token(prompt, self._tokenizer, IMAGE_TOKEN_INDEX))
 
     def _left_pad(self, sequences: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(ids) for ids in sequences)
-        input_ids = torch.full((len(sequences), width), self._pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, ids in enumerate(sequences):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad(sequences, self._pad_token_id)
         return input_ids.to(self.device), attention_mask.to(self.device)
 
     def _generated_length(self, tokens: List[int]) -> int:
