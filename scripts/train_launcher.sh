@@ -2,6 +2,11 @@
 # constant, the launcher (deepspeed, torchrun or python), and `common_flags`, the optimisation and bookkeeping
 # flags every LLaVA recipe passes the same way. Expects GLOBAL_BATCH, PER_DEVICE_BATCH, OUTPUT_DIR, LR and
 # SAVE_STEPS from the caller; the other variables below default to the LLaVA-1.5 values.
+#
+# Several nodes (NUM_GPUS is per node; the global batch stays GLOBAL_BATCH):
+#   torchrun: run the script on every node with NNODES, NODE_RANK, MASTER_ADDR (node 0's address), MASTER_PORT.
+#   deepspeed: HOSTFILE (lines "host slots=N"; NNODES defaults to its host count) and MASTER_ADDR; the launcher
+#   starts every node over ssh from node 0, or, with NO_SSH=1, run the script on every node with its NODE_RANK.
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -11,11 +16,29 @@ if [[ -z "${NUM_GPUS:-}" ]]; then
 fi
 LAUNCHER=${LAUNCHER:-deepspeed}
 MASTER_PORT=${MASTER_PORT:-29501}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+NODE_RANK=${NODE_RANK:-0}
+if [[ -n "${HOSTFILE:-}" ]]; then
+    [[ "$LAUNCHER" == deepspeed ]] || { echo "HOSTFILE is for LAUNCHER=deepspeed; torchrun takes NNODES/NODE_RANK" >&2; exit 2; }
+    [[ -f "$HOSTFILE" ]] || { echo "HOSTFILE=$HOSTFILE: no such file" >&2; exit 2; }
+    NNODES=${NNODES:-$(grep -cE '^[[:space:]]*[^#[:space:]]' "$HOSTFILE")}
+fi
+NNODES=${NNODES:-1}
+if (( NNODES > 1 )) && [[ "$LAUNCHER" == python ]]; then
+    echo "NNODES=$NNODES needs LAUNCHER=torchrun or deepspeed" >&2
+    exit 2
+fi
+if (( NODE_RANK < 0 || NODE_RANK >= NNODES )); then
+    echo "NODE_RANK=$NODE_RANK must be in [0, NNODES=$NNODES)" >&2
+    exit 2
+fi
 
 if [[ -z "${GRAD_ACCUM:-}" ]]; then
-    per_step=$(( NUM_GPUS * PER_DEVICE_BATCH ))
+    per_step=$(( NNODES * NUM_GPUS * PER_DEVICE_BATCH ))
     if (( GLOBAL_BATCH % per_step != 0 )); then
-        echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of NUM_GPUS=$NUM_GPUS x PER_DEVICE_BATCH=$PER_DEVICE_BATCH; set GRAD_ACCUM" >&2
+        nodes_factor=""
+        (( NNODES > 1 )) && nodes_factor="NNODES=$NNODES x "
+        echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of ${nodes_factor}NUM_GPUS=$NUM_GPUS x PER_DEVICE_BATCH=$PER_DEVICE_BATCH; set GRAD_ACCUM" >&2
         exit 2
     fi
     GRAD_ACCUM=$(( GLOBAL_BATCH / per_step ))
@@ -66,13 +89,22 @@ fi
 # Run llava.train.train under the chosen launcher with the given flags plus the DeepSpeed flag.
 launch_train() {
     local cmd
+    local nodes=""
     case "$LAUNCHER" in
-        deepspeed) cmd=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" --module llava.train.train) ;;
-        torchrun) cmd=(torchrun --nproc_per_node "$NUM_GPUS" --master_port "$MASTER_PORT" -m llava.train.train) ;;
+        deepspeed)
+            cmd=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
+            if [[ -n "${HOSTFILE:-}" ]]; then
+                cmd+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --master_addr "$MASTER_ADDR")
+                [[ "${NO_SSH:-0}" == 1 ]] && cmd+=(--no_ssh --node_rank "$NODE_RANK")
+            fi
+            cmd+=(--module llava.train.train) ;;
+        torchrun) cmd=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NUM_GPUS"
+                       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m llava.train.train) ;;
         python) cmd=("${PYTHON:-python}" -m llava.train.train) ;;
         *) echo "LAUNCHER must be deepspeed, torchrun or python; got '$LAUNCHER'" >&2; exit 2 ;;
     esac
-    echo "global batch $(( NUM_GPUS * PER_DEVICE_BATCH * GRAD_ACCUM )) = $NUM_GPUS GPUs x $PER_DEVICE_BATCH x $GRAD_ACCUM accumulation ($LAUNCHER)" >&2
+    (( NNODES > 1 )) && nodes="$NNODES nodes x "
+    echo "global batch $(( NNODES * NUM_GPUS * PER_DEVICE_BATCH * GRAD_ACCUM )) = $nodes$NUM_GPUS GPUs x $PER_DEVICE_BATCH x $GRAD_ACCUM accumulation ($LAUNCHER)" >&2
     if [[ "${DRY_RUN:-0}" == 1 ]]; then  # print the command instead of running it
         printf '%q ' "${cmd[@]}" "${ds_flags[@]}" "$@"
         echo

@@ -108,6 +108,40 @@ def test_next_scripts_split_the_global_batch_over_eight_gpus(tmp_path):
     assert "global batch 128 = 8 GPUs x 8 x 2 accumulation (python)" in result.stderr
 
 
+def test_multi_node_launch_lines_keep_the_global_batch(tmp_path):
+    """4 nodes x 8 GPUs: accumulation drops 4x; torchrun gets the rendezvous flags, deepspeed the hostfile."""
+    torchrun = run_command(["bash", "scripts/finetune_pmod.sh"], env=subprocess_env(
+        DRY_RUN=1, NUM_GPUS=8, LAUNCHER="torchrun", NNODES=4, NODE_RANK=2, MASTER_ADDR="10.0.0.1", MASTER_PORT=29700))
+    words = shlex.split(torchrun.stdout)
+    assert words[:11] == ["torchrun", "--nnodes", "4", "--node_rank", "2", "--nproc_per_node", "8", "--master_addr",
+                          "10.0.0.1", "--master_port", "29700"]
+    assert "global batch 128 = 4 nodes x 8 GPUs x 4 x 1 accumulation (torchrun)" in torchrun.stderr
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# four nodes\nnode-a slots=8\nnode-b slots=8\nnode-c slots=8\nnode-d slots=8\n")
+    deepspeed = run_command(["bash", "scripts/finetune_pmod.sh"], env=subprocess_env(
+        DRY_RUN=1, NUM_GPUS=8, HOSTFILE=hostfile, MASTER_ADDR="node-a"))
+    words = shlex.split(deepspeed.stdout)
+    assert words[words.index("--hostfile") + 1] == str(hostfile) and words[words.index("--num_nodes") + 1] == "4"
+    assert "--no_ssh" not in words and "global batch 128 = 4 nodes x 8 GPUs x 4 x 1" in deepspeed.stderr
+    no_ssh = run_command(["bash", "scripts/finetune_pmod.sh"], env=subprocess_env(
+        DRY_RUN=1, NUM_GPUS=8, HOSTFILE=hostfile, MASTER_ADDR="node-a", NO_SSH=1, NODE_RANK=3))
+    words = shlex.split(no_ssh.stdout)
+    assert words[words.index("--no_ssh") + 1:words.index("--no_ssh") + 3] == ["--node_rank", "3"]
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(LAUNCHER="torchrun", NNODES=2, NODE_RANK=2), "NODE_RANK=2 must be in [0, NNODES=2)"),
+    (dict(LAUNCHER="python", NNODES=2), "NNODES=2 needs LAUNCHER=torchrun or deepspeed"),
+    (dict(LAUNCHER="torchrun", HOSTFILE="/no/hostfile"), "HOSTFILE is for LAUNCHER=deepspeed"),
+    (dict(LAUNCHER="torchrun", NNODES=3), "not a multiple of NNODES=3"),
+])
+def test_bad_multi_node_settings_are_named(env, message):
+    result = run_command(["bash", "scripts/finetune.sh"], env=subprocess_env(DRY_RUN=1, NUM_GPUS=8, **env),
+                         expect_success=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
 @pytest.fixture
 def flags_only(monkeypatch):
     """Building a model or tokenizer means the flags passed validation."""
