@@ -31,7 +31,8 @@ setup(
         # lmms-eval 0.7.3 imports filelock._api, which filelock 4.3 removed.
         "eval": ["lmms-eval==0.7.3", "filelock<4.3"],
         "demo": ["matplotlib"],
-        "dev": ["pytest>=8", "matplotlib"],
+        "web": ["gradio>=6,<7"],
+        "dev": ["pytest>=8", "matplotlib", "selenium>=4"],
     },
     entry_points={
         "lmms_eval.models": ["pmod_llava = llava.eval.lmms_plugin:MANIFEST"],

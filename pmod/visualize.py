@@ -55,6 +55,24 @@ def split_by_grid(kept: np.ndarray, grids: Sequence[TokenGrid]) -> list[np.ndarr
     return masks
 
 
+def overlay_kept_tokens(image, grids: Sequence[TokenGrid], kept: np.ndarray, width: int = 448):
+    """The image (scaled to ``width``) with the tokens one layer skips darkened: a PIL image, for live displays."""
+    from PIL import Image, ImageDraw
+
+    scale = width / image.size[0]
+    base = image.convert("RGBA").resize((width, max(1, round(image.size[1] * scale))))
+    shade = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(shade)
+    fill = tuple(int(255 * channel) for channel in SKIPPED_SHADE)
+    for grid, mask in zip(grids, split_by_grid(kept, grids)):
+        left, top, right, bottom = (coordinate * scale for coordinate in grid.box)
+        cell_w, cell_h = (right - left) / grid.cols, (bottom - top) / grid.rows
+        for row, col in zip(*np.nonzero(~mask)):
+            draw.rectangle((left + col * cell_w, top + row * cell_h, left + (col + 1) * cell_w,
+                            top + (row + 1) * cell_h), fill=fill)
+    return Image.alpha_composite(base, shade).convert("RGB")
+
+
 def _pyplot():
     import matplotlib
 

@@ -12,10 +12,10 @@ PMOD_VENV="$work/venv" PMOD_LOCK=none PMOD_FRESH=1 PMOD_EXTRA_PINS="" source scr
 torch_build='^(torch|torchvision|torchaudio|triton|nvidia-[a-z0-9-]*|cuda-[a-z0-9-]*)=='
 {
     echo "# The tested environment: exact versions of everything \`bash scripts/test.sh\` installs (the package with"
-    echo "# its train, eval and dev extras), made by \`bash scripts/lock.sh\` on $(date -u +%Y-%m-%d) with"
+    echo "# its train, eval, dev and web extras), made by \`bash scripts/lock.sh\` on $(date -u +%Y-%m-%d) with"
     echo "# $(python --version) on $(uname -m), torch build: $(tr '\n' ' ' < "$work/venv/pmod-pins.txt")"
     echo "# The torch build is not pinned here: scripts/setup_env.sh installs \$PMOD_TORCH_PINS first."
-    echo "# Use: pip install -c constraints.txt -e \".[train,eval,dev]\"  (docs/install.md)"
+    echo "# Use: pip install -c constraints.txt -e \".[train,eval,dev,web]\"  (docs/install.md)"
     python -m pip freeze --exclude-editable | grep -viE "$torch_build" | LC_ALL=C sort -f
 } > constraints.txt.new
 mv constraints.txt.new constraints.txt

@@ -15,7 +15,7 @@ pmod_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # True when interpreter $1 imports this checkout's llava, a transformers inside the supported window, and every
 # extra the demo and the tests need (lmms-eval's evaluator included: a broken dependency of it shows only there).
 pmod_env_ready() {
-    (cd "$pmod_repo" && "$1" -c "import pathlib, sys, transformers, llava, lmms_eval.evaluator, deepspeed, matplotlib, pytest
+    (cd "$pmod_repo" && "$1" -c "import pathlib, sys, transformers, llava, lmms_eval.evaluator, deepspeed, matplotlib, pytest, gradio, selenium
 from pmod.hf_compat import SUPPORTED_TRANSFORMERS
 sys.exit(pathlib.Path(llava.__file__).resolve().parents[1] != pathlib.Path.cwd()
          or transformers.__version__ not in SUPPORTED_TRANSFORMERS)") >/dev/null 2>&1
@@ -48,11 +48,11 @@ pmod_setup_env() {
         "$py" -m pip install -q --upgrade pip setuptools wheel
         # shellcheck disable=SC2046
         "$py" -m pip install -q "${lock_args[@]}" -c "$pins_file" $(cat "$pins_file")
-        "$py" -m pip install -q "${lock_args[@]}" -c "$pins_file" -e "$pmod_repo[train,eval,dev]"
+        "$py" -m pip install -q "${lock_args[@]}" -c "$pins_file" -e "$pmod_repo[train,eval,dev,web]"
         echo "$stamp" > "$venv/.pmod-stamp"
     elif [[ "$lock" == none ]]; then
         echo "setup: upgrading $venv to the newest versions setup.py allows"
-        "$py" -m pip install -q -U --upgrade-strategy eager -c "$pins_file" -e "$pmod_repo[train,eval,dev]"
+        "$py" -m pip install -q -U --upgrade-strategy eager -c "$pins_file" -e "$pmod_repo[train,eval,dev,web]"
     elif ! pmod_env_ready "$py"; then
         echo "setup: registering this checkout in $venv"
         "$py" -m pip install -q --no-deps --no-build-isolation -e "$pmod_repo"
