@@ -21,7 +21,9 @@ def test_every_python_module_the_docs_run_exists():
 
 def test_every_script_the_docs_name_exists():
     ours = [doc for doc in DOCS if doc.name != "migration.md"]  # that page names LLaVA's and p-MoD's scripts too
-    named = {path for doc in ours for path in re.findall(r"\b(scripts/[\w./-]+\.(?:sh|json))", doc.read_text())}
+    pattern = r"(?:bash |DS_CONFIG=|--deepspeed )(scripts/[\w./-]+\.(?:sh|json))"
+    named = {path for doc in ours for path in re.findall(pattern, doc.read_text())}
+    assert "scripts/finetune_pmod.sh" in named
     missing = sorted(path for path in named if not (REPO_ROOT / path).is_file())
     assert not missing, f"docs name scripts that do not exist: {missing}"
 
