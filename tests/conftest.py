@@ -163,3 +163,24 @@ def tiny_script_env(tiny_models, tiny_dataset, output_dir, **overrides) -> dict:
     )
     settings.update(overrides)
     return subprocess_env(**settings)
+
+
+@pytest.fixture(scope="session")
+def pmod_checkpoint(tiny_models, tmp_path_factory) -> str:
+    """A tiny p-MoD LLaVA checkpoint (seeded random weights, tokenizer included) in a folder named `pmod`."""
+    from llava.eval.tiny_checkpoint import build_tiny_llava_checkpoint
+
+    return build_tiny_llava_checkpoint(tiny_models, str(tmp_path_factory.mktemp("checkpoint") / "pmod"), pmod=True)
+
+
+@pytest.fixture(scope="session")
+def shapes_picture(tmp_path_factory) -> Path:
+    """A small PNG: a red square on a light background."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("picture") / "shapes.png"
+    image = Image.new("RGB", (96, 72), (235, 235, 235))
+    image.paste((200, 30, 30), (10, 10, 50, 50))
+    image.save(path)
+    return path
+

@@ -16,7 +16,6 @@ from conftest import REPO_ROOT, subprocess_env
 from PIL import Image
 
 from llava.eval.run_llava import answer
-from llava.eval.tiny_checkpoint import build_tiny_llava_checkpoint
 from llava.model.builder import load_pretrained_model
 
 gradio = pytest.importorskip("gradio")
@@ -27,27 +26,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_models, tmp_path_factory):
-    return build_tiny_llava_checkpoint(tiny_models, str(tmp_path_factory.mktemp("web") / "pmod"), pmod=True)
-
-
-@pytest.fixture(scope="module")
-def demo(checkpoint):
-    tokenizer, model, image_processor, _ = load_pretrained_model(checkpoint)
+def demo(pmod_checkpoint):
+    tokenizer, model, image_processor, _ = load_pretrained_model(pmod_checkpoint)
     return DemoModel(tokenizer, model, image_processor, "vicuna_v1")
 
 
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory):
-    path = tmp_path_factory.mktemp("web-image") / "shapes.png"
-    image = Image.new("RGB", (96, 72), (235, 235, 235))
-    image.paste((200, 30, 30), (10, 10, 50, 50))
-    image.save(path)
-    return path
-
-
-def test_streamed_reply_is_run_llavas_answer_and_turns_continue(demo, picture):
-    image = Image.open(picture).convert("RGB")
+def test_streamed_reply_is_run_llavas_answer_and_turns_continue(demo, shapes_picture):
+    image = Image.open(shapes_picture).convert("RGB")
     prompt = demo.prompt([("What color is the square?", None)], with_image=True)
     partial = list(demo.stream_reply(prompt, image, temperature=0.0, max_new_tokens=6))
     assert partial and partial[-1] == answer(demo.model, demo.tokenizer, demo.image_processor,
@@ -61,8 +46,8 @@ def test_streamed_reply_is_run_llavas_answer_and_turns_continue(demo, picture):
     assert second.count("<image>") == 1 and "ASSISTANT: Red.</s>USER: Where is it? ASSISTANT:" in second
 
 
-def test_kept_token_panel_follows_the_schedule(demo, picture):
-    image = Image.open(picture).convert("RGB")
+def test_kept_token_panel_follows_the_schedule(demo, shapes_picture):
+    image = Image.open(shapes_picture).convert("RGB")
     panel = demo.kept_tokens(demo.prompt([("What is it?", None)], True), image)
     assert panel.kept == demo.schedule.keep_counts(panel.vision_tokens)
     assert len(panel.overlays) == demo.model.config.num_hidden_layers
@@ -84,11 +69,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
+def server(pmod_checkpoint):
     """The app as a user starts it, on a free local port."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "llava.serve.gradio_app", "--model-path", checkpoint, "--port", str(port),
+        [sys.executable, "-m", "llava.serve.gradio_app", "--model-path", pmod_checkpoint, "--port", str(port),
          "--device", "cpu"], cwd=REPO_ROOT, env=subprocess_env(GRADIO_ANALYTICS_ENABLED="False"),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
@@ -109,19 +94,20 @@ def server(checkpoint):
     process.wait(timeout=30)
 
 
-def test_the_running_server_answers_through_gradio_client(server, picture, demo):
+def test_the_running_server_answers_through_gradio_client(server, shapes_picture, demo):
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
-    history, question, costs, _, kept = client.predict("What color is the square?", handle_file(str(picture)), [],
+    picture = handle_file(str(shapes_picture))
+    history, question, costs, _, kept = client.predict("What color is the square?", picture, [],
                                                        0.0, 6, api_name="/chat")
-    image = Image.open(picture).convert("RGB")
+    image = Image.open(shapes_picture).convert("RGB")
     expected = answer(demo.model, demo.tokenizer, demo.image_processor, "What color is the square?", [image],
                       max_new_tokens=6)
     assert history[-1]["role"] == "assistant" and message_text(history[-1]["content"]) == expected
     assert question == "" and "TFLOPs" in costs
     assert Image.open(kept["path"] if isinstance(kept, dict) else kept).width == 448
-    history, *_ = client.predict("Where is it?", handle_file(str(picture)), history, 0.0, 6, api_name="/chat")
+    history, *_ = client.predict("Where is it?", picture, history, 0.0, 6, api_name="/chat")
     assert [turn[0] for turn in turns_of(history)] == ["What color is the square?", "Where is it?"]
     assert message_text(history[-1]["content"]) == demo_answer(demo, image, turns_of(history))
 
@@ -152,7 +138,7 @@ def chrome_driver(tmp_path):
     return webdriver.Chrome(options=options, service=service)
 
 
-def test_a_browser_uploads_asks_and_sees_the_answer_and_the_kept_tokens(server, picture, tmp_path):
+def test_a_browser_uploads_asks_and_sees_the_answer_and_the_kept_tokens(server, shapes_picture, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
@@ -163,7 +149,7 @@ def test_a_browser_uploads_asks_and_sees_the_answer_and_the_kept_tokens(server, 
         driver.get(server)
         wait = WebDriverWait(driver, 120)
         upload = wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
-        upload.send_keys(str(picture))
+        upload.send_keys(str(shapes_picture))
         wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#image img")))
         driver.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("What color is the square?")
         driver.find_element(By.CSS_SELECTOR, "#send").click()

@@ -19,42 +19,27 @@ from conftest import run_command
 from PIL import Image
 
 from llava.eval.run_llava import InputError, answer, default_conv_mode, eval_model, load_image
-from llava.eval.tiny_checkpoint import build_tiny_llava_checkpoint
 from llava.model.builder import load_pretrained_model
 from llava.model.quantization import FULL_PRECISION_MODULES, QuantizationUnavailable, bnb_config
 
 pytestmark = pytest.mark.compat
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_models, tmp_path_factory):
-    return build_tiny_llava_checkpoint(tiny_models, str(tmp_path_factory.mktemp("surface") / "pmod-tiny"), pmod=True)
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory):
-    path = tmp_path_factory.mktemp("picture") / "square.png"
-    image = Image.new("RGB", (64, 48), (240, 240, 240))
-    image.paste((200, 20, 20), (8, 8, 40, 40))
-    image.save(path)
-    return path
-
-
 @pytest.fixture
-def served(picture):
+def served(shapes_picture):
     """The picture on a local HTTP server (the URL path of load_image)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(picture.parent))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shapes_picture.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/{picture.name}"
+    yield f"http://127.0.0.1:{server.server_address[1]}/{shapes_picture.name}"
     server.shutdown()
 
 
-def test_images_come_from_paths_urls_and_base64(picture, served, tmp_path):
-    expected = list(Image.open(picture).convert("RGB").getdata())
-    encoded = base64.b64encode(picture.read_bytes()).decode()
-    for source in (str(picture), served, encoded, f"data:image/png;base64,{encoded}"):
+def test_images_come_from_paths_urls_and_base64(shapes_picture, served, tmp_path):
+    expected = list(Image.open(shapes_picture).convert("RGB").getdata())
+    encoded = base64.b64encode(shapes_picture.read_bytes()).decode()
+    for source in (str(shapes_picture), served, encoded, f"data:image/png;base64,{encoded}"):
         assert list(load_image(source).getdata()) == expected, source[:40]
     with pytest.raises(InputError, match="--image-file .*missing.png: no such file"):
         load_image(str(tmp_path / "missing.png"))
@@ -64,16 +49,17 @@ def test_images_come_from_paths_urls_and_base64(picture, served, tmp_path):
         load_image(str(broken))
 
 
-def test_eval_model_takes_llavas_args_object(checkpoint, picture, capsys):
+def test_eval_model_takes_llavas_args_object(pmod_checkpoint, shapes_picture, capsys):
     args = type("Args", (), {
-        "model_path": checkpoint, "model_base": None, "model_name": "pmod-tiny", "query": "What is this?",
-        "conv_mode": None, "image_file": str(picture), "sep": ",", "temperature": 0, "top_p": None,
+        "model_path": pmod_checkpoint, "model_base": None, "model_name": "pmod-tiny", "query": "What is this?",
+        "conv_mode": None, "image_file": str(shapes_picture), "sep": ",", "temperature": 0, "top_p": None,
         "num_beams": 1, "max_new_tokens": 5, "device": "cpu",
     })()
     reply = eval_model(args)
     assert capsys.readouterr().out.strip().splitlines()[-1] == reply
-    tokenizer, model, image_processor, _ = load_pretrained_model(checkpoint)
-    assert reply == answer(model, tokenizer, image_processor, "What is this?", [Image.open(picture).convert("RGB")],
+    tokenizer, model, image_processor, _ = load_pretrained_model(pmod_checkpoint)
+    image = Image.open(shapes_picture).convert("RGB")
+    assert reply == answer(model, tokenizer, image_processor, "What is this?", [image],
                            "vicuna_v1", max_new_tokens=5)
 
 
@@ -103,13 +89,13 @@ def test_8_and_4_bit_keep_routers_projector_tower_and_head_in_full_precision(mon
 
 
 @pytest.mark.parametrize("case", ["missing model", "no tokenizer", "unreadable image", "4-bit on CPU"])
-def test_cli_errors_are_one_line_naming_the_input(case, checkpoint, picture, tmp_path):
-    model, image, extra = checkpoint, str(picture), []
+def test_cli_errors_are_one_line_naming_the_input(case, pmod_checkpoint, shapes_picture, tmp_path):
+    model, image, extra = pmod_checkpoint, str(shapes_picture), []
     if case == "missing model":
         model, expected = str(tmp_path / "no-such-ckpt"), "no-such-ckpt: no such folder"
     elif case == "no tokenizer":
         model = tmp_path / "no-tokenizer"
-        shutil.copytree(checkpoint, model)
+        shutil.copytree(pmod_checkpoint, model)
         for item in model.glob("*"):
             if item.name.startswith(("tokenizer", "special_tokens")):
                 item.unlink()

@@ -11,15 +11,14 @@ from conftest import run_command
 from PIL import Image
 
 from llava.eval.model_vqa_loader import get_chunk
-from llava.eval.tiny_checkpoint import build_tiny_llava_checkpoint
 
 pytestmark = pytest.mark.compat
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_models, tmp_path_factory):
+def setup(pmod_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("vqa")
-    checkpoint = build_tiny_llava_checkpoint(tiny_models, str(root / "pmod"), pmod=True)
+    checkpoint = pmod_checkpoint
     images = root / "images"
     images.mkdir()
     questions = []

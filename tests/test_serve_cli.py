@@ -11,30 +11,15 @@ from conftest import REPO_ROOT, run_command, subprocess_env
 from PIL import Image
 
 from llava.eval.run_llava import answer, place_images
-from llava.eval.tiny_checkpoint import build_tiny_llava_checkpoint
 
 pytestmark = pytest.mark.compat
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_models, tmp_path_factory):
-    return build_tiny_llava_checkpoint(tiny_models, str(tmp_path_factory.mktemp("serve") / "pmod"), pmod=True)
-
-
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("image") / "shapes.png"
-    image = Image.new("RGB", (70, 50), (230, 230, 230))
-    image.paste((200, 30, 30), (5, 5, 30, 30))
-    image.save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
+def loaded(pmod_checkpoint):
     from llava.model.builder import load_pretrained_model
 
-    tokenizer, model, image_processor, _ = load_pretrained_model(checkpoint, device="cpu")
+    tokenizer, model, image_processor, _ = load_pretrained_model(pmod_checkpoint, device="cpu")
     return tokenizer, model, image_processor
 
 
@@ -48,12 +33,13 @@ def test_place_images_follows_llava_rules():
     assert place_images("Q", 1, SimpleNamespace(mm_use_im_start_end=True)) == "<im_start><image><im_end>\nQ"
 
 
-def test_cli_answers_a_scripted_conversation_from_stdin(checkpoint, image_file, loaded):
+def test_cli_answers_a_scripted_conversation_from_stdin(pmod_checkpoint, shapes_picture, loaded):
     tokenizer, model, image_processor = loaded
-    expected_first = answer(model, tokenizer, image_processor, "What color is the square?", [Image.open(image_file)],
+    picture = Image.open(shapes_picture)
+    expected_first = answer(model, tokenizer, image_processor, "What color is the square?", [picture],
                             max_new_tokens=6)
     result = subprocess.run(
-        [sys.executable, "-m", "llava.serve.cli", "--model-path", checkpoint, "--image-file", str(image_file),
+        [sys.executable, "-m", "llava.serve.cli", "--model-path", pmod_checkpoint, "--image-file", str(shapes_picture),
          "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"],
         input="What color is the square?\nAnd where is it?\n", cwd=REPO_ROOT, env=subprocess_env(),
         capture_output=True, text=True, timeout=300, check=False)
@@ -65,16 +51,17 @@ def test_cli_answers_a_scripted_conversation_from_stdin(checkpoint, image_file, 
     assert first_reply == expected_first
 
 
-def test_run_llava_gives_the_in_process_answer_and_honours_the_placeholder(checkpoint, image_file, loaded):
+def test_run_llava_gives_the_in_process_answer_and_honours_the_placeholder(pmod_checkpoint, shapes_picture, loaded):
     tokenizer, model, image_processor = loaded
-    expected = answer(model, tokenizer, image_processor, "What is this?", [Image.open(image_file)], max_new_tokens=5)
-    result = run_command([sys.executable, "-m", "llava.eval.run_llava", "--model-path", checkpoint,
-                          "--image-file", str(image_file), "--query", "<image-placeholder>\nWhat is this?",
+    picture = Image.open(shapes_picture)
+    expected = answer(model, tokenizer, image_processor, "What is this?", [picture], max_new_tokens=5)
+    result = run_command([sys.executable, "-m", "llava.eval.run_llava", "--model-path", pmod_checkpoint,
+                          "--image-file", str(shapes_picture), "--query", "<image-placeholder>\nWhat is this?",
                           "--temperature", "0", "--max_new_tokens", "5", "--device", "cpu"])
     assert result.stdout.strip().splitlines()[-1] == expected if expected else result.stdout.strip() == ""
 
 
-def test_run_llava_names_a_missing_image(checkpoint, tmp_path):
-    result = run_command([sys.executable, "-m", "llava.eval.run_llava", "--model-path", checkpoint,
+def test_run_llava_names_a_missing_image(pmod_checkpoint, tmp_path):
+    result = run_command([sys.executable, "-m", "llava.eval.run_llava", "--model-path", pmod_checkpoint,
                           "--image-file", str(tmp_path / "missing.png"), "--query", "Q"], expect_success=False)
     assert result.returncode != 0 and "--image-file" in result.stderr and "missing.png" in result.stderr
