@@ -18,9 +18,10 @@ import torch
 from conftest import run_command
 from PIL import Image
 
-from llava.eval.run_llava import InputError, answer, default_conv_mode, eval_model, load_image
+from llava.eval.run_llava import answer, eval_model
 from llava.model.builder import load_pretrained_model
 from llava.model.quantization import FULL_PRECISION_MODULES, QuantizationUnavailable, bnb_config
+from llava.serve.common import InputError, default_conv_mode, load_image
 
 pytestmark = pytest.mark.compat
 

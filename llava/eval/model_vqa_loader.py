@@ -23,18 +23,16 @@ from tqdm import tqdm
 
 from llava.conversation import get_conv_template
 from llava.eval.batching import left_pad
-from llava.eval.run_llava import (
+from llava.eval.run_llava import image_inputs, place_images, sampling_kwargs
+from llava.mm_utils import get_model_name_from_path, tokenizer_image_token
+from llava.serve.common import (
     InputError,
     add_model_arguments,
     default_conv_mode,
-    image_inputs,
     load_for_inference,
     load_image,
-    place_images,
     run_cli,
-    sampling_kwargs,
 )
-from llava.mm_utils import get_model_name_from_path, tokenizer_image_token
 
 
 def get_chunk(items: list, num_chunks: int, chunk_idx: int) -> list:

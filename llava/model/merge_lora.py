@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from llava.eval.run_llava import run_cli
+from llava.serve.common import run_cli
 
 
 def main(argv=None) -> None:

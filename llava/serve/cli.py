@@ -13,16 +13,8 @@ import argparse
 from transformers import TextStreamer
 
 from llava.conversation import get_conv_template
-from llava.eval.run_llava import (
-    add_model_arguments,
-    default_conv_mode,
-    generate_reply,
-    load_for_inference,
-    load_image,
-    place_images,
-    run_cli,
-    sampling_kwargs,
-)
+from llava.eval.run_llava import generate_reply, place_images, sampling_kwargs
+from llava.serve.common import add_model_arguments, default_conv_mode, load_for_inference, load_image, run_cli
 
 
 def chat(model, tokenizer, image_processor, image, conv_mode: str, generate_kwargs: dict,

@@ -21,16 +21,9 @@ from transformers import TextIteratorStreamer
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.demo.figures import image_token_grids, record_kept_image_tokens
-from llava.eval.run_llava import (
-    add_model_arguments,
-    default_conv_mode,
-    image_inputs,
-    load_for_inference,
-    place_images,
-    run_cli,
-    sampling_kwargs,
-)
+from llava.eval.run_llava import image_inputs, place_images, sampling_kwargs
 from llava.mm_utils import tokenizer_image_token
+from llava.serve.common import add_model_arguments, default_conv_mode, load_for_inference, run_cli
 from pmod.accounting import ModelShape, estimate
 from pmod.visualize import overlay_kept_tokens
 
