@@ -67,16 +67,17 @@ RENAMED_TRAINER_FLAGS = {
 
 
 def current_trainer_flags(argv: list[str]) -> list[str]:
-    """LLaVA-era Trainer flags under the installed release's names, so LLaVA's scripts run without warnings."""
+    """Trainer flags under the installed release's names, so LLaVA's scripts run without warnings, and the
+    new names (e.g. ``--activation_checkpointing``) work on releases of the window that predate them."""
     from transformers import TrainingArguments
 
     known = {f"--{f.name}" for f in fields(TrainingArguments)}
+    names = {old: new for old, new in RENAMED_TRAINER_FLAGS.items() if new in known}
+    names.update({new: old for old, new in RENAMED_TRAINER_FLAGS.items() if new not in known and old in known})
     renamed = []
     for arg in argv:
         flag, separator, value = arg.partition("=")
-        if RENAMED_TRAINER_FLAGS.get(flag) in known:
-            flag = RENAMED_TRAINER_FLAGS[flag]
-        renamed.append(flag + separator + value)
+        renamed.append(names.get(flag, flag) + separator + value)
     return renamed
 
 
