@@ -21,8 +21,8 @@ from pmod_testing import (
     sample_images,
 )
 
+import pmod.session
 from llava.mm_utils import load_image_processor
-from llava.model.language_model.pmod_llama import PmodLlavaLlamaModel
 from pmod.cache import PmodCache
 from pmod.hf_compat import output_cache
 
@@ -147,9 +147,9 @@ def test_each_kept_length_pattern_builds_one_mask_per_step(tower, monkeypatch):
     patterns = {cache.compact_layer(i).pattern for i in model.model.schedule.mod_layers}
     assert len(patterns) < len(model.model.schedule.mod_layers)
     built = []
-    original = PmodLlavaLlamaModel._compact_cache_mask
-    monkeypatch.setattr(PmodLlavaLlamaModel, "_compact_cache_mask",
-                        lambda self, *args: built.append(args[1]) or original(self, *args))
+    original = pmod.session.create_causal_mask
+    monkeypatch.setattr(pmod.session, "create_causal_mask",
+                        lambda **kwargs: built.append(kwargs["layer_idx"]) or original(**kwargs))
     step_mask = torch.cat([prepared.attention_mask, torch.ones(2, 1, dtype=torch.bool)], dim=1)
     with torch.no_grad():
         model(input_ids=torch.tensor([[40], [41]]), attention_mask=step_mask, past_key_values=cache)

@@ -24,9 +24,10 @@ from llava.model.language_model.llava_llama import (
 from llava.model.llava_arch import MultimodalInputs
 from pmod.cache import PmodCache
 from pmod.hf_compat import cache_kwargs, one_cache
-from pmod.layer import LayerRouting, PmodDecoderLayer
-from pmod.routing import TokenCounts, TokenRouter, build_layer_plans, zero_linear
+from pmod.layer import PmodDecoderLayer
+from pmod.routing import TokenCounts, TokenRouter, zero_linear
 from pmod.schedule import RetentionSchedule, schedule_from_config
+from pmod.session import ForwardSession, check_mask_width, routing_inputs
 from pmod.weight_norm import parse_weight_norm
 
 MOD_CONFIG_KEYS = (
@@ -124,27 +125,26 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, length = hidden.shape[:2]
+        length = hidden.shape[1]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = PmodCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
-        _check_mask_width(attention_mask, cache, past_length, length)
+        check_mask_width(attention_mask, cache, past_length, length)
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 position_ids = positions_from_mask(attention_mask, length)
             else:
                 position_ids = torch.arange(past_length, past_length + length, device=hidden.device)[None]
 
-        plans = {}
+        routing = None
         if mod_target_mask is not None and self.schedule is not None:
-            routed = self._routing_inputs(cache, past_length, length, mod_target_mask, attention_mask, token_counts)
-            if routed is not None:
-                target_mask, valid_mask, token_counts = routed
-                plans = build_layer_plans(self.schedule, token_counts, hidden.device)
-                self.last_routing_stats = RoutingStats(
-                    token_counts.n_target, {i: plan.keep_counts for i, plan in plans.items()}
-                )
+            routing = routing_inputs(cache, past_length, length, mod_target_mask, attention_mask, token_counts)
+        session = ForwardSession(self.config, self.schedule, cache, attention_mask, hidden, past_length, routing)
+        if session.plans:
+            self.last_routing_stats = RoutingStats(
+                routing.counts.n_target, {i: plan.keep_counts for i, plan in session.plans.items()}
+            )
         dense_layer = next((i for i, layer in enumerate(self.layers) if not isinstance(layer, PmodDecoderLayer)), None)
         dense_mask = None if dense_layer is None else create_causal_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
@@ -152,96 +152,19 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
 
-        # Masks are shared: at prefill by compact length (empty caches), at later steps by kept-length pattern.
-        prefill_masks, cached_masks = {}, {}
         common = dict(position_embeddings=position_embeddings, position_ids=position_ids, use_cache=use_cache,
                       **cache_kwargs(cache), **kwargs)
         for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            compact = cache.compact_layer(index) if isinstance(cache, PmodCache) else None
-            if index in plans:
-                plan = plans[index]
-                if plan.max_kept_length not in prefill_masks:
-                    prefill_masks[plan.max_kept_length] = create_causal_mask(
-                        config=self.config, inputs_embeds=hidden.new_empty(batch, plan.max_kept_length, 0),
-                        attention_mask=None, position_ids=None, layer_idx=index, **cache_kwargs(cache),
-                    )
-                layer_routing = LayerRouting(plan, target_mask, valid_mask, prefill_masks[plan.max_kept_length])
+            layer_routing = session.layer_routing(index)
+            if layer_routing is not None:
                 hidden = layer(hidden, routing=layer_routing, **common)
-                if cache is not None:
-                    cache.record_routed_prefill(index, plan.kept_lengths_tensor, plan.kept_lengths)
-            elif compact is not None:
-                if compact.pattern not in cached_masks:
-                    cached_masks[compact.pattern] = self._compact_cache_mask(cache, index, hidden, attention_mask)
-                hidden = layer(hidden, attention_mask=cached_masks[compact.pattern], **common)
+                session.routed(index)
+            elif session.is_compact(index):
+                hidden = layer(hidden, attention_mask=session.compact_mask(index), **common)
             else:
                 hidden = layer(hidden, attention_mask=dense_mask, **common)
-        if isinstance(cache, PmodCache):
-            if plans:
-                cache.prefill_vision = token_counts.n_target
-            elif cached_masks and length > 1 and attention_mask is not None:
-                cache.added_tokens_may_pad = True
-            cache.seen_tokens = past_length + length
+        session.finish()
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), **cache_kwargs(cache))
-
-    def _routing_inputs(self, cache, past_length, length, mod_target_mask, attention_mask, token_counts):
-        """(target mask, valid mask, counts) when this forward routes, None when the cache already holds the routing.
-
-        Routing happens at prefill, from an empty cache. With a filled cache the routing inputs belong to the
-        prompt: a decode step of ``generate()``, or a longer prompt that continues the cached one, whose new
-        tokens must then be text.
-        """
-        width = mod_target_mask.shape[1]
-        if past_length > 0:
-            if width == length:
-                raise NotImplementedError("p-MoD routes at prefill from an empty cache only (no chunked prefill)")
-            if width == past_length + length and getattr(cache, "prefill_vision", None) is not None:
-                counts = token_counts
-                if counts is None or len(counts.n_target) != mod_target_mask.shape[0]:
-                    valid = None if attention_mask is None else attention_mask.bool()
-                    counts = TokenCounts.from_masks(mod_target_mask.bool(), valid)
-                if counts.n_target != cache.prefill_vision:
-                    raise NotImplementedError(
-                        "p-MoD routes vision tokens at prefill only: tokens that continue a filled cache must be "
-                        "text. Start a new prompt (without the cache) to add an image."
-                    )
-            return None
-        if cache is not None and not isinstance(cache, PmodCache):
-            raise TypeError(
-                f"a routed p-MoD prefill needs a PmodCache(config=model.config), got {type(cache).__name__}"
-            )
-        if width != length:
-            raise ValueError(f"mod_target_mask covers {width} tokens but the input has {length}")
-        valid_mask = torch.ones_like(mod_target_mask, dtype=torch.bool) if attention_mask is None \
-            else attention_mask.bool()
-        target_mask = mod_target_mask.bool() & valid_mask
-        if token_counts is None or len(token_counts.n_target) != target_mask.shape[0]:
-            token_counts = TokenCounts.from_masks(target_mask, valid_mask)
-        return target_mask, valid_mask, token_counts
-
-    def _compact_cache_mask(self, cache: PmodCache, index: int, hidden: torch.Tensor, attention_mask):
-        """Mask of the new tokens against a compact layer's keys, built on the device without a host read.
-
-        The layer's query offset is its own key length (``PmodCache.get_query_offset``), and skipping the mask
-        for SDPA's ``is_causal`` is not allowed, since deciding that would read the padding mask on the host.
-        """
-        valid = cache.key_valid(index, attention_mask, hidden.shape[1])
-        if valid is None and hidden.shape[1] == 1:
-            return None  # one query per row and no filler slots: every back-end attends to the whole cache
-        return create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=valid, position_ids=None, layer_idx=index,
-            allow_is_causal_skip=False, **cache_kwargs(cache),
-        )
-
-
-def _check_mask_width(attention_mask, cache, past_length: int, length: int) -> None:
-    """Compact layers read the tokens added after prefill from the end of a full-sequence attention mask."""
-    if attention_mask is None or attention_mask.ndim != 2 or not isinstance(cache, PmodCache) or past_length == 0:
-        return
-    if attention_mask.shape[1] != past_length + length:
-        raise ValueError(
-            f"attention_mask covers {attention_mask.shape[1]} tokens; with a filled p-MoD cache it must cover the "
-            f"{past_length} cached tokens and the {length} new ones"
-        )
 
 
 class PmodLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
