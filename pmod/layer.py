@@ -67,38 +67,42 @@ class PmodDecoderLayer(GradientCheckpointingLayer):
                 use_cache=use_cache,
                 **kwargs,
             )
-        return self._routed_forward(hidden_states, routing, position_embeddings, use_cache, **kwargs)
+        return routed_forward(self.decoder_layer, self.router, self.weight_norm, hidden_states, routing,
+                              position_embeddings, use_cache, **kwargs)
 
-    def _routed_forward(self, hidden_states, routing, position_embeddings, use_cache, **kwargs):
-        layer = self.decoder_layer
-        logits = self.router(hidden_states)
-        weights = self.weight_norm(logits, routing.target_mask)
-        selection = select_tokens(logits, routing.target_mask, routing.valid_mask, routing.plan)
 
-        compact = gather_tokens(hidden_states, selection.compact_index)
-        cos, sin = position_embeddings
-        compact_rope = (gather_tokens(cos, selection.compact_index), gather_tokens(sin, selection.compact_index))
-        attn_out, _ = layer.self_attn(
-            hidden_states=layer.input_layernorm(compact),
-            attention_mask=routing.compact_attention_mask,
-            position_embeddings=compact_rope,
-            use_cache=use_cache,
-            **kwargs,
+def routed_forward(layer: nn.Module, router: TokenRouter, weight_norm: WeightNorm, hidden_states: torch.Tensor,
+                   routing: LayerRouting, position_embeddings, use_cache: bool, **kwargs) -> torch.Tensor:
+    """One decoder layer on each sample's kept tokens, with STRing; ``layer`` is any Llama-family decoder layer
+    (its ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp`` are called)."""
+    logits = router(hidden_states)
+    weights = weight_norm(logits, routing.target_mask)
+    selection = select_tokens(logits, routing.target_mask, routing.valid_mask, routing.plan)
+
+    compact = gather_tokens(hidden_states, selection.compact_index)
+    cos, sin = position_embeddings
+    compact_rope = (gather_tokens(cos, selection.compact_index), gather_tokens(sin, selection.compact_index))
+    attn_out, _ = layer.self_attn(
+        hidden_states=layer.input_layernorm(compact),
+        attention_mask=routing.compact_attention_mask,
+        position_embeddings=compact_rope,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    residual = compact + attn_out
+    mlp_out = layer.mlp(layer.post_attention_layernorm(residual))
+
+    dtype = hidden_states.dtype
+    one = weights.new_ones(())
+    mlp_scale = torch.where(routing.target_mask, weights, one).to(dtype)
+    compact_mlp_scale = gather_tokens(mlp_scale, selection.compact_index)
+    compact_out = residual + mlp_out * compact_mlp_scale.unsqueeze(-1)
+
+    processed = gather_tokens(compact_out, selection.full_to_compact)
+    skipped = hidden_states * mlp_scale.unsqueeze(-1)
+    output = torch.where(selection.kept.unsqueeze(-1), processed, skipped)
+    if finite_checks_enabled() and not torch.isfinite(output).all():
+        raise FloatingPointError(
+            f"p-MoD layer {layer.self_attn.layer_idx} produced NaN/Inf (dtype {dtype}); try float32 or bfloat16"
         )
-        residual = compact + attn_out
-        mlp_out = layer.mlp(layer.post_attention_layernorm(residual))
-
-        dtype = hidden_states.dtype
-        one = weights.new_ones(())
-        mlp_scale = torch.where(routing.target_mask, weights, one).to(dtype)
-        compact_mlp_scale = gather_tokens(mlp_scale, selection.compact_index)
-        compact_out = residual + mlp_out * compact_mlp_scale.unsqueeze(-1)
-
-        processed = gather_tokens(compact_out, selection.full_to_compact)
-        skipped = hidden_states * mlp_scale.unsqueeze(-1)
-        output = torch.where(selection.kept.unsqueeze(-1), processed, skipped)
-        if finite_checks_enabled() and not torch.isfinite(output).all():
-            raise FloatingPointError(
-                f"p-MoD layer {layer.self_attn.layer_idx} produced NaN/Inf (dtype {dtype}); try float32 or bfloat16"
-            )
-        return output
+    return output

@@ -12,8 +12,8 @@ from llava.model import LlavaLlamaForCausalLM, PmodLlavaLlamaForCausalLM
 from llava.model.checkpoint_config import CheckpointConfigError, load_checkpoint_config
 from llava.model.llava_arch import load_projector_weights
 from llava.model.lora import is_lora_folder, load_lora_model, lora_base, lora_config
-from llava.model.quantization import bnb_config
 from llava.model.multimodal_encoder.clip_encoder import resolve_tower_path
+from llava.model.quantization import bnb_config
 from llava.model.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from llava.model.checkpoint_config import CheckpointConfigError, load_checkpoint_config
-from llava.model.language_model.pmod_llama import MOD_CONFIG_KEYS
+from pmod.settings import MOD_CONFIG_KEYS
 
 logger = logging.getLogger(__name__)
 

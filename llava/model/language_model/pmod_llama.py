@@ -26,18 +26,10 @@ from pmod.cache import PmodCache
 from pmod.hf_compat import cache_kwargs, one_cache
 from pmod.layer import PmodDecoderLayer
 from pmod.routing import TokenCounts, TokenRouter, zero_linear
-from pmod.schedule import RetentionSchedule, schedule_from_config
+from pmod.schedule import RetentionSchedule
 from pmod.session import ForwardSession, check_mask_width, routing_inputs
+from pmod.settings import MOD_CONFIG_KEYS, validate_mod_config
 from pmod.weight_norm import parse_weight_norm
-
-MOD_CONFIG_KEYS = (
-    "mod_target_layers",
-    "mod_target_token_type",
-    "mod_router_factor",
-    "mod_weight_norm",
-    "mod_bias_enabled",
-    "mod_special_init",
-)
 
 
 class PmodLlavaConfig(LlavaConfig):
@@ -49,16 +41,6 @@ class PmodLlavaConfig(LlavaConfig):
         super().__post_init__(**kwargs)
         if getattr(self, "mod_target_layers", None) is not None:
             validate_mod_config(self)
-
-
-def validate_mod_config(config) -> RetentionSchedule:
-    """Parse schedule and weight norm of a p-MoD config; records the p-MoD layer indices in the config."""
-    if getattr(config, "mod_target_token_type", None) is None:
-        config.mod_target_token_type = "vision_all"
-    parse_weight_norm(getattr(config, "mod_weight_norm", None))
-    schedule = schedule_from_config(config)
-    config.mod_target_layer_indices = list(schedule.mod_layers)
-    return schedule
 
 
 @dataclass(frozen=True)

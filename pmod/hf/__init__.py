@@ -1,0 +1,14 @@
+"""p-MoD for transformers' own VLM classes (LLaVA-HF, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL).
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from pmod.hf import apply_pmod, from_pretrained
+
+    model = apply_pmod(Qwen2_5_VLForConditionalGeneration.from_pretrained(...), schedule="shiftedcos_decay_0.85_0.15")
+    model.save_pretrained("pmod-qwen")            # settings and routers travel with the checkpoint
+    model = from_pretrained("pmod-qwen")           # the same p-MoD model again
+"""
+
+from pmod.hf.families import SUPPORTED_ARCHITECTURES
+from pmod.hf.model import apply_pmod, from_pretrained, pmod_settings
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "apply_pmod", "from_pretrained", "pmod_settings"]

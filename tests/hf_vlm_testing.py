@@ -1,0 +1,326 @@
+"""Tiny random transformers-native vision-language models and their inputs, built offline for tests.
+
+The p-MoD code drives the VLMs transformers ships (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL).
+These builders give every test the same small seeded model of a family and the inputs that family's processor
+would make, with no hub download: configs come from the transformers config classes, pixels from the family's
+image / video processor class built from its defaults, and each placeholder run is as long as the model's own
+feature count for that image (or video), so the ids match what the family's full processor would produce.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaNextImageProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionVideoProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+    SiglipVisionConfig,
+)
+
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+VOCAB_SIZE = 512
+IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID = 508, 509, 510, 511
+TEXT_TOKEN_IDS = range(EOS_ID + 1, IMAGE_TOKEN_ID)  # what a Sample's text may hold: no pad, BOS/EOS or visual id
+
+TILE = 56  # LLaVA-family vision input side: 14 px patches, a 4 x 4 feature grid per tile
+QWEN_PIXELS = 28 * 28  # one merged Qwen visual token (2 x 2 patches of 14 px)
+VIDEO_FRAME_SIZE = (56, 56)  # (width, height) of every video frame
+
+
+def text_config_kwargs(num_layers: int) -> dict:
+    """The shared tiny decoder: big enough for GQA and long vision runs, small enough for 2 CPU cores."""
+    return dict(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1,
+        rms_norm_eps=1e-5, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
+    )
+
+
+def tiny_vision_kwargs() -> dict:
+    """CLIP / SigLIP towers: two layers so LLaVA's second-to-last-layer features exist."""
+    return dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=TILE,
+        patch_size=14,
+    )
+
+
+def anyres_pinpoints(max_tiles_per_side: int) -> list[list[int]]:
+    """Every (height, width) grid of TILE-sized tiles up to the given side, as LLaVA-NeXT/OneVision list them."""
+    sides = range(1, max_tiles_per_side + 1)
+    return [[TILE * rows, TILE * cols] for rows in sides for cols in sides]
+
+
+def llava_config(num_layers: int) -> LlavaConfig:
+    return LlavaConfig(
+        text_config=LlamaConfig(**text_config_kwargs(num_layers)),
+        vision_config=CLIPVisionConfig(**tiny_vision_kwargs()),
+        image_token_id=IMAGE_TOKEN_ID,
+    )
+
+
+def llava_next_config(num_layers: int) -> LlavaNextConfig:
+    # Up to 2 x 2 tiles: wide, tall and square images pick different grids, then lose their padding rows.
+    return LlavaNextConfig(
+        text_config=LlamaConfig(**text_config_kwargs(num_layers)),
+        vision_config=CLIPVisionConfig(**tiny_vision_kwargs()),
+        image_token_id=IMAGE_TOKEN_ID, image_grid_pinpoints=anyres_pinpoints(2),
+    )
+
+
+def llava_onevision_config(num_layers: int) -> LlavaOnevisionConfig:
+    # Up to 4 x 4 tiles: big images exceed anyres_max_9 and take OneVision's feature down-sampling path.
+    return LlavaOnevisionConfig(
+        text_config=Qwen2Config(**text_config_kwargs(num_layers)),
+        vision_config=SiglipVisionConfig(**tiny_vision_kwargs(), vision_use_head=False),
+        image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID, image_grid_pinpoints=anyres_pinpoints(4),
+    )
+
+
+def qwen_text_config_kwargs(num_layers: int) -> dict:
+    """M-RoPE splits the 16-dim heads' 8 rotary frequencies into temporal / height / width sections."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    return dict(text_config_kwargs(num_layers), rope_parameters=rope)
+
+
+def qwen_token_ids() -> dict:
+    return dict(
+        image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+    )
+
+
+def qwen2_vl_config(num_layers: int) -> Qwen2VLConfig:
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2)
+    return Qwen2VLConfig(text_config=qwen_text_config_kwargs(num_layers), vision_config=vision, **qwen_token_ids())
+
+
+def qwen2_5_vl_config(num_layers: int) -> Qwen2_5_VLConfig:
+    # A 56 px window (2 x 2 merged tokens) on layer 0 and full attention on layer 1: both vision paths run.
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    return Qwen2_5_VLConfig(text_config=qwen_text_config_kwargs(num_layers), vision_config=vision, **qwen_token_ids())
+
+
+# The image-text-to-text auto class turns each into LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+# LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration.
+CONFIGS = {
+    "llava": llava_config,
+    "llava_next": llava_next_config,
+    "llava_onevision": llava_onevision_config,
+    "qwen2_vl": qwen2_vl_config,
+    "qwen2_5_vl": qwen2_5_vl_config,
+}
+
+
+def tiny_vlm(family: str, num_layers: int = 6, seed: int = 0):
+    """A tiny random model of ``family`` in eval mode, float32, attn_implementation='sdpa'.
+
+    Text model: hidden 64, 4 heads, 2 KV heads, intermediate 128, vocab 512, 4096 positions. Vision tower: 2 layers,
+    hidden 32. Image / video token ids are inside the vocabulary. The generation config has no EOS, so greedy
+    runs always make ``max_new_tokens`` and a batch row lines up with the same sample run alone.
+    """
+    config = CONFIGS[family](num_layers)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt: text, then its images (in order), then its video, then more text."""
+
+    text_before: list[int]  # token ids before the visual part (may be empty)
+    text_after: list[int]  # token ids after it
+    image_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) of each image; empty for a text-only sample
+    video_frames: int = 0  # 0 = no video; else a video of that many frames (llava_onevision and Qwen families)
+
+
+def random_pixels(shape: tuple[int, ...], seed: int, sample: Sample, item: str) -> torch.Tensor:
+    """uint8 pixels seeded by the sample's own content, so a sample sees the same pixels alone or in any batch."""
+    key = repr((seed, sample.text_before, sample.text_after, sample.image_sizes, sample.video_frames, item))
+    generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+
+
+def sample_images(sample: Sample, seed: int) -> list[torch.Tensor]:
+    return [
+        random_pixels((3, height, width), seed, sample, f"image {index}")
+        for index, (width, height) in enumerate(sample.image_sizes)
+    ]
+
+
+def sample_video(sample: Sample, seed: int) -> torch.Tensor:
+    width, height = VIDEO_FRAME_SIZE
+    return random_pixels((sample.video_frames, 3, height, width), seed, sample, "video")
+
+
+def image_processor(model, family: str):
+    """The family's own image processor class, sized from the tiny model's config instead of a hub checkpoint."""
+    config = model.config
+    if family in QWEN_FAMILIES:
+        return Qwen2VLImageProcessor(size={"shortest_edge": QWEN_PIXELS, "longest_edge": 16 * QWEN_PIXELS})
+    side = config.vision_config.image_size
+    if family == "llava":
+        return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    if family == "llava_next":
+        return LlavaNextImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+            image_grid_pinpoints=config.image_grid_pinpoints,
+        )
+    return LlavaOnevisionImageProcessor(
+        size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+
+
+def video_processor(model, family: str):
+    """The family's own video processor class; Qwen's per-frame pixel cap is set so no release warns about it."""
+    if family in QWEN_FAMILIES:
+        return Qwen2VLVideoProcessor(
+            size={"shortest_edge": QWEN_PIXELS, "longest_edge": 4 * QWEN_PIXELS}, cap_pixels_per_frame=False,
+        )
+    side = model.config.vision_config.image_size
+    return LlavaOnevisionVideoProcessor(size={"height": side, "width": side})
+
+
+def processed_images(model, family: str, samples: list[Sample], seed: int) -> dict:
+    """Pixel inputs for every image of the batch, in sample order (nothing when no sample has an image)."""
+    per_sample = [sample_images(sample, seed) for sample in samples if sample.image_sizes]
+    if not per_sample:
+        return {}
+    # OneVision takes images grouped by sample: a sample with several images gets no anyres tiles.
+    images = per_sample if family == "llava_onevision" else [image for group in per_sample for image in group]
+    return dict(image_processor(model, family)(images=images, return_tensors="pt"))
+
+
+def processed_videos(model, family: str, samples: list[Sample], seed: int) -> dict:
+    """Pixel inputs for every video of the batch, in sample order (nothing when no sample has a video)."""
+    videos = [sample_video(sample, seed) for sample in samples if sample.video_frames]
+    if not videos:
+        return {}
+    if family not in VIDEO_FAMILIES:
+        raise ValueError(f"{family} takes no video; video samples are for {VIDEO_FAMILIES}")
+    if family == "llava_onevision" and len({len(video) for video in videos}) > 1:
+        raise ValueError("llava_onevision stacks a batch's videos into one tensor: give them equal frame counts")
+    processor = video_processor(model, family)
+    outputs = dict(processor(videos=videos, return_metadata=True, return_tensors="pt"))
+    metadata = outputs.pop("video_metadata")
+    if family == "qwen2_5_vl":
+        # Its processor adds each video's seconds per temporal patch, which spaces the M-RoPE time positions.
+        seconds = [processor.temporal_patch_size / video.sampled_fps for video in metadata]
+        outputs["second_per_grid_ts"] = torch.tensor(seconds)
+    return outputs
+
+
+@torch.no_grad()
+def feature_counts(model, method: str, pixel_inputs: dict) -> list[int]:
+    """How many features the model makes for each image (or video): the length of its placeholder run."""
+    if not pixel_inputs:
+        return []
+    return [len(features) for features in getattr(model, method)(**pixel_inputs).pooler_output]
+
+
+def onevision_video_tokens(model, frames: int) -> int:
+    """OneVision pools each frame's feature grid 2 x 2 and ends a video with one newline feature.
+
+    Counted from the config: before transformers 5.24 the newline was added by the forward, not by
+    get_video_features, so the model's feature count misses it there.
+    """
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    return frames * math.ceil(side / 2) ** 2 + 1
+
+
+def video_feature_counts(model, family: str, samples: list[Sample], video_inputs: dict) -> list[int]:
+    """The placeholder run length of each video of the batch, in sample order."""
+    if family == "llava_onevision":
+        return [onevision_video_tokens(model, sample.video_frames) for sample in samples if sample.video_frames]
+    return feature_counts(model, "get_video_features", video_inputs)
+
+
+def placeholder_run(family: str, token_id: int, count: int) -> list[int]:
+    """Qwen wraps each image / video in vision start and end tokens; the LLaVA families use the bare run."""
+    if family in QWEN_FAMILIES:
+        return [VISION_START_ID, *[token_id] * count, VISION_END_ID]
+    return [token_id] * count
+
+
+def prompt_ids(family: str, samples: list[Sample], image_counts: list[int], video_counts: list[int]) -> list[list[int]]:
+    image_runs, video_runs = iter(image_counts), iter(video_counts)
+    prompts = []
+    for sample in samples:
+        visual = []
+        for _ in sample.image_sizes:
+            visual += placeholder_run(family, IMAGE_TOKEN_ID, next(image_runs))
+        if sample.video_frames:
+            visual += placeholder_run(family, VIDEO_TOKEN_ID, next(video_runs))
+        prompts.append([*sample.text_before, *visual, *sample.text_after])
+    return prompts
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> left-padded ids and the 0/1 attention mask, as a left-padding tokenizer returns them."""
+    width = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+def mm_token_type_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """0 text, 1 image, 2 video: what the Qwen processors return and the Qwen models need for M-RoPE."""
+    types = torch.zeros_like(input_ids)
+    types[input_ids == IMAGE_TOKEN_ID] = 1
+    types[input_ids == VIDEO_TOKEN_ID] = 2
+    return types
+
+
+def vlm_inputs(model, family: str, samples: list[Sample], seed: int = 0) -> dict:
+    """Model inputs for a left-padded batch of ``samples``, as the family's processor would return them.
+
+    input_ids and attention_mask, plus what the family needs (pixel_values, image_sizes, batch_num_images,
+    image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts, mm_token_type_ids). Pixels are random,
+    seeded by ``seed`` and the sample, and go through the family's image / video processor. Each placeholder run is
+    as long as the model's feature count for that image or video, so ``model(**inputs)`` and
+    ``model.generate(**inputs)`` run. llava_onevision stacks videos into one tensor: all videos of a batch need the
+    same number of frames.
+    """
+    image_inputs = processed_images(model, family, samples, seed)
+    video_inputs = processed_videos(model, family, samples, seed)
+    image_counts = feature_counts(model, "get_image_features", image_inputs)
+    video_counts = video_feature_counts(model, family, samples, video_inputs)
+    input_ids, attention_mask = left_padded(prompt_ids(family, samples, image_counts, video_counts))
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **image_inputs, **video_inputs)
+    if family in QWEN_FAMILIES:
+        inputs["mm_token_type_ids"] = mm_token_type_ids(input_ids)
+    return inputs
+
+
+def visual_token_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the positions the model fills with image or video features (its image / video token ids)."""
+    visual_ids = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
+    return torch.isin(input_ids, torch.tensor([i for i in visual_ids if i is not None], device=input_ids.device))
