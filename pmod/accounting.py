@@ -26,7 +26,7 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -272,26 +272,37 @@ VICUNA_7B = ModelShape(hidden_size=4096, intermediate_size=11008, num_layers=32,
                        vocab_size=32000)
 
 
+# Qwen2-7B / Qwen2.5-7B, the language model of Qwen2.5-VL-7B and LLaVA-OneVision-7B (grouped-query attention).
+QWEN2_7B = ModelShape(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+                      vocab_size=152064)
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A released model, the input we assume for it, and the paper's figures (Tables 1 and 3)."""
+    """A released model, the input we assume for it, and the paper's figures (Tables 1 and 3) where it has them."""
 
     shape: ModelShape
     n_vision: int
     n_text: int
     n_tiles: int
-    paper_dense_tflops: float
-    paper_pmod_tflops: Mapping[float, float]
-    paper_kv: Mapping[float, float]
+    paper_dense_tflops: float | None = None
+    paper_pmod_tflops: Mapping[float, float] = field(default_factory=dict)
+    paper_kv: Mapping[float, float] = field(default_factory=dict)
+    clip_tower: bool = False  # the vision tower is CLIP ViT-L/14-336 (what --include-vision-tower models)
 
 
 # n_text = 64: a vicuna_v1 prompt (system message ~35 tokens, role tags, "<image>\n" and a short question).
+# Qwen2.5-VL-7B: one 896 x 896 image, 64 x 64 patches of 14 px merged 2 x 2 = 1024 visual tokens.
+# LLaVA-OneVision-7B: one 768 x 768 image, SigLIP-384 base 27 x 27 = 729 tokens plus a 2 x 2 tile grid of
+# 54 x 54 with one newline per row = 2970: 3699 visual tokens (below anyres_max_9's downsampling threshold).
 PRESETS = {
     "llava-1.5-7b": Preset(VICUNA_7B, n_vision=576, n_text=64, n_tiles=1, paper_dense_tflops=8.38,
-                           paper_pmod_tflops={0.5: 4.92}, paper_kv={0.5: 0.538}),
+                           paper_pmod_tflops={0.5: 4.92}, paper_kv={0.5: 0.538}, clip_tower=True),
     "llava-next-7b": Preset(VICUNA_7B, n_vision=2880, n_text=64, n_tiles=5, paper_dense_tflops=39.46,
                             paper_pmod_tflops={0.5: 21.94, 0.4: 19.56, 0.3: 17.78},
-                            paper_kv={0.5: 0.538, 0.4: 0.475, 0.3: 0.423}),
+                            paper_kv={0.5: 0.538, 0.4: 0.475, 0.3: 0.423}, clip_tower=True),
+    "qwen2.5-vl-7b": Preset(QWEN2_7B, n_vision=1024, n_text=64, n_tiles=1),
+    "llava-onevision-7b": Preset(QWEN2_7B, n_vision=3699, n_text=64, n_tiles=5),
 }
 
 
@@ -316,8 +327,8 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _schedule_for(args, config) -> tuple[RetentionSchedule | None, float | None]:
-    num_layers = ModelShape.from_config(config).num_layers if config is not None else VICUNA_7B.num_layers
+def _schedule_for(args, config, shape: ModelShape) -> tuple[RetentionSchedule | None, float | None]:
+    num_layers = shape.num_layers
     if config is not None and args.beta is None and args.schedule is None:
         schedule = schedule_from_config(_as_namespace(config))
         return schedule, getattr(_as_namespace(config), "mod_router_factor", None) if schedule else None
@@ -336,7 +347,10 @@ def main(argv=None) -> int:
     if n_vision is None or n_text is None:
         raise SystemExit("--n-vision and --n-text are required with --config")
     n_tiles = args.n_tiles if args.n_tiles is not None else (preset.n_tiles if preset else None)
-    schedule, beta = _schedule_for(args, config)
+    if args.include_vision_tower and preset is not None and not preset.clip_tower:
+        raise SystemExit(f"--include-vision-tower models CLIP ViT-L/14-336 only; {args.preset} has another tower "
+                         "(its LLM figures are exact)")
+    schedule, beta = _schedule_for(args, config, shape)
     report = estimate(shape, schedule, n_text, n_vision, args.include_vision_tower, n_tiles=n_tiles,
                       lm_head_tokens=args.lm_head_tokens, kv_dtype=args.kv_dtype)
     print(_summary(report, preset, beta, args))

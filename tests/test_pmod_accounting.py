@@ -108,7 +108,7 @@ def test_beta_0_3_figures_do_not_follow_from_the_official_schedule():
 def test_kv_cache_retention_is_the_schedule_mean(beta, mean_ratio, paper_kv):
     """The paper's 53.8% / 47.5% are the mean keep ratios over the 32 layers (dense = 1), text ignored."""
     assert schedule(beta).mean_ratio() == pytest.approx(mean_ratio, abs=5e-5)
-    for name in PRESETS:
+    for name in ("llava-1.5-7b", "llava-next-7b"):
         report = preset_report(name, beta)
         n = PRESETS[name].n_vision
         assert report.vision_kv_ratio == schedule(beta).mean_retention(n)
@@ -208,3 +208,24 @@ def test_cli_config(tmp_path, capsys):
         main(["--config", str(path), "--n-vision", "10", "--n-text", "1"])
     with pytest.raises(SystemExit, match="--n-vision and --n-text"):
         main(["--config", str(path)])
+
+
+def test_qwen_presets_use_the_released_shape_and_the_processors_token_count():
+    """Qwen2.5-VL-7B / LLaVA-OneVision-7B share Qwen2-7B's decoder; 1024 tokens is what Qwen2.5-VL's own image
+    processor makes of an 896 x 896 image (64 x 64 patches of 14 px, merged 2 x 2)."""
+    released_text_config = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                            "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064}
+    for name in ("qwen2.5-vl-7b", "llava-onevision-7b"):
+        assert PRESETS[name].shape == ModelShape.from_config({"text_config": released_text_config})
+    processor = transformers.Qwen2VLImageProcessor()
+    grid = processor(images=[torch.zeros(3, 896, 896)], return_tensors="pt")["image_grid_thw"][0].tolist()
+    assert grid == [1, 64, 64] and grid[1] * grid[2] // 4 == PRESETS["qwen2.5-vl-7b"].n_vision
+    report = estimate(PRESETS["qwen2.5-vl-7b"].shape, schedule(0.5, layers=28), 64, 1024)
+    assert 0.5 < report.flops_ratio < 0.6 and report.kv_bytes < report.dense_kv_bytes
+
+
+def test_vision_tower_figures_are_refused_for_towers_the_calculator_does_not_model(capsys):
+    with pytest.raises(SystemExit, match="CLIP ViT-L/14-336 only"):
+        main(["--preset", "qwen2.5-vl-7b", "--include-vision-tower"])
+    assert main(["--preset", "llava-onevision-7b"]) == 0
+    assert "64 text + 3699 vision tokens" in capsys.readouterr().out
