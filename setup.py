@@ -35,6 +35,7 @@ setup(
         "dev": ["pytest>=8", "matplotlib", "selenium>=4"],
     },
     entry_points={
-        "lmms_eval.models": ["pmod_llava = llava.eval.lmms_plugin:MANIFEST"],
+        "lmms_eval.models": ["pmod_llava = llava.eval.lmms_plugin:MANIFEST",
+                             "pmod_hf = llava.eval.lmms_plugin:HF_MANIFEST"],
     },
 )

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Evaluate a checkpoint on the paper's 14 benchmarks with lmms-eval (model `pmod_llava`, data parallel over
-# the GPUs), then print one table in the paper's units (python -m llava.eval.summarize).
+# Evaluate a checkpoint on the paper's 14 benchmarks with lmms-eval (model `pmod_llava`, or `pmod_hf` for
+# transformers' own VLMs; data parallel over the GPUs), then print one table in the paper's units
+# (python -m llava.eval.summarize).
 #
 #   CKPT=./checkpoints/pmod-llava-v1.5-7b bash scripts/eval.sh
 #   CKPT=... TASKS=mme,pope_full NUM_GPUS=2 BATCH_SIZE=1 bash scripts/eval.sh --limit 20
 #
 # Environment (all optional): CKPT (folder or hub id), TASKS (comma separated), NUM_GPUS (0 = one CPU
 # process; default: every visible GPU), OUTPUT_DIR (default: $CKPT/logs for a local CKPT, else
-# ./logs/eval/<name>), BATCH_SIZE (default 1, the paper's), CONV_TEMPLATE (default vicuna_v1),
+# ./logs/eval/<name>), BATCH_SIZE (default 1, the paper's), LMMS_MODEL (pmod_llava or pmod_hf; default: chosen
+# from CKPT's config.json by python -m llava.eval.model_choice), CONV_TEMPLATE (pmod_llava; default vicuna_v1),
 # LOG_EFFICIENCY (1 = per-sample TFLOPs / KV cache records, default 1), EXTRA_MODEL_ARGS (appended to
 # --model_args, e.g. dtype=bfloat16), INCLUDE_PATH (extra task folder), PORT (default 12345), PYTHON.
 # Extra arguments are passed to lmms-eval.
@@ -44,7 +46,12 @@ if ! [[ "$BATCH_SIZE" =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 
-model_args="pretrained=$CKPT,conv_template=$CONV_TEMPLATE"
+LMMS_MODEL=${LMMS_MODEL:-$("$PYTHON" -m llava.eval.model_choice "$CKPT")}
+case "$LMMS_MODEL" in
+    pmod_llava) model_args="pretrained=$CKPT,conv_template=$CONV_TEMPLATE" ;;
+    pmod_hf) model_args="pretrained=$CKPT" ;;  # the checkpoint's own chat template
+    *) echo "eval.sh: LMMS_MODEL must be pmod_llava or pmod_hf, got '$LMMS_MODEL'" >&2; exit 2 ;;
+esac
 if [[ "$LOG_EFFICIENCY" == 1 ]]; then
     model_args+=",log_efficiency=True,efficiency_dir=$OUTPUT_DIR/efficiency"
 fi
@@ -60,7 +67,7 @@ export HF_HUB_ENABLE_HF_TRANSFER=0
 mkdir -p "$OUTPUT_DIR"
 rm -f "$OUTPUT_DIR"/efficiency/efficiency_rank*.jsonl
 
-lmms_args=(--model pmod_llava --model_args "$model_args" --tasks "$TASKS" --batch_size "$BATCH_SIZE"
+lmms_args=(--model "$LMMS_MODEL" --model_args "$model_args" --tasks "$TASKS" --batch_size "$BATCH_SIZE"
            --log_samples --output_path "$OUTPUT_DIR")
 if [[ -n "${INCLUDE_PATH:-}" ]]; then
     lmms_args+=(--include_path "$INCLUDE_PATH")
@@ -76,6 +83,6 @@ else
     launcher+=(-m lmms_eval)
 fi
 
-echo "eval.sh: $CKPT on $TASKS ($NUM_GPUS GPUs, batch size $BATCH_SIZE) -> $OUTPUT_DIR" >&2
+echo "eval.sh: $CKPT ($LMMS_MODEL) on $TASKS ($NUM_GPUS GPUs, batch size $BATCH_SIZE) -> $OUTPUT_DIR" >&2
 "${launcher[@]}" "${lmms_args[@]}" "$@"
 "$PYTHON" -m llava.eval.summarize "$OUTPUT_DIR"

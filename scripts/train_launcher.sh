@@ -15,6 +15,7 @@ if [[ -z "${NUM_GPUS:-}" ]]; then
     (( NUM_GPUS > 0 )) || NUM_GPUS=1
 fi
 LAUNCHER=${LAUNCHER:-deepspeed}
+TRAIN_MODULE=${TRAIN_MODULE:-llava.train.train}  # llava.train.train_hf for transformers-native VLMs
 MASTER_PORT=${MASTER_PORT:-29501}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 NODE_RANK=${NODE_RANK:-0}
@@ -97,10 +98,10 @@ launch_train() {
                 cmd+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --master_addr "$MASTER_ADDR")
                 [[ "${NO_SSH:-0}" == 1 ]] && cmd+=(--no_ssh --node_rank "$NODE_RANK")
             fi
-            cmd+=(--module llava.train.train) ;;
+            cmd+=(--module "$TRAIN_MODULE") ;;
         torchrun) cmd=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NUM_GPUS"
-                       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m llava.train.train) ;;
-        python) cmd=("${PYTHON:-python}" -m llava.train.train) ;;
+                       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m "$TRAIN_MODULE") ;;
+        python) cmd=("${PYTHON:-python}" -m "$TRAIN_MODULE") ;;
         *) echo "LAUNCHER must be deepspeed, torchrun or python; got '$LAUNCHER'" >&2; exit 2 ;;
     esac
     (( NNODES > 1 )) && nodes="$NNODES nodes x "

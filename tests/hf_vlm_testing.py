@@ -5,6 +5,9 @@ These builders give every test the same small seeded model of a family and the i
 would make, with no hub download: configs come from the transformers config classes, pixels from the family's
 image / video processor class built from its defaults, and each placeholder run is as long as the model's own
 feature count for that image (or video), so the ids match what the family's full processor would produce.
+tiny_processor builds that full processor offline (a small trained tokenizer, the same image / video processors, a
+chat template in the family's style), and save_tiny_checkpoint writes model and processor to a folder the Auto
+classes load, for tests of the path users take.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForImageTextToText,
     CLIPImageProcessor,
@@ -22,13 +26,19 @@ from transformers import (
     LlavaConfig,
     LlavaNextConfig,
     LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
     SiglipVisionConfig,
 )
@@ -178,9 +188,8 @@ def sample_video(sample: Sample, seed: int) -> torch.Tensor:
     return random_pixels((sample.video_frames, 3, height, width), seed, sample, "video")
 
 
-def image_processor(model, family: str):
+def image_processor(config, family: str):
     """The family's own image processor class, sized from the tiny model's config instead of a hub checkpoint."""
-    config = model.config
     if family in QWEN_FAMILIES:
         return Qwen2VLImageProcessor(size={"shortest_edge": QWEN_PIXELS, "longest_edge": 16 * QWEN_PIXELS})
     side = config.vision_config.image_size
@@ -196,13 +205,13 @@ def image_processor(model, family: str):
     )
 
 
-def video_processor(model, family: str):
+def video_processor(config, family: str):
     """The family's own video processor class; Qwen's per-frame pixel cap is set so no release warns about it."""
     if family in QWEN_FAMILIES:
         return Qwen2VLVideoProcessor(
             size={"shortest_edge": QWEN_PIXELS, "longest_edge": 4 * QWEN_PIXELS}, cap_pixels_per_frame=False,
         )
-    side = model.config.vision_config.image_size
+    side = config.vision_config.image_size
     return LlavaOnevisionVideoProcessor(size={"height": side, "width": side})
 
 
@@ -213,7 +222,7 @@ def processed_images(model, family: str, samples: list[Sample], seed: int) -> di
         return {}
     # OneVision takes images grouped by sample: a sample with several images gets no anyres tiles.
     images = per_sample if family == "llava_onevision" else [image for group in per_sample for image in group]
-    return dict(image_processor(model, family)(images=images, return_tensors="pt"))
+    return dict(image_processor(model.config, family)(images=images, return_tensors="pt"))
 
 
 def processed_videos(model, family: str, samples: list[Sample], seed: int) -> dict:
@@ -225,7 +234,7 @@ def processed_videos(model, family: str, samples: list[Sample], seed: int) -> di
         raise ValueError(f"{family} takes no video; video samples are for {VIDEO_FAMILIES}")
     if family == "llava_onevision" and len({len(video) for video in videos}) > 1:
         raise ValueError("llava_onevision stacks a batch's videos into one tensor: give them equal frame counts")
-    processor = video_processor(model, family)
+    processor = video_processor(model.config, family)
     outputs = dict(processor(videos=videos, return_metadata=True, return_tensors="pt"))
     metadata = outputs.pop("video_metadata")
     if family == "qwen2_5_vl":
@@ -324,3 +333,187 @@ def visual_token_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
     """[B, L] bool: the positions the model fills with image or video features (its image / video token ids)."""
     visual_ids = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
     return torch.isin(input_ids, torch.tensor([i for i in visual_ids if i is not None], device=input_ids.device))
+
+
+# A few lines of chat-like English to train the tiny tokenizers on: enough distinct words for 249 BPE merges, so the
+# trained vocabulary ends exactly at IMAGE_TOKEN_ID, and the prompts of the chat templates below stay short.
+TOKENIZER_CORPUS = (
+    (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions."
+    ),
+    "USER: What is shown in the image? ASSISTANT: The picture shows a small red cat sitting on a wooden table.",
+    "What color is the car in this photo? The car is blue and it is parked on the street in front of a house.",
+    "Describe the video in detail. A dog runs across the green field, jumps over a fence and catches a ball.",
+    "How many people are in the picture? There are three people standing near the river under a bright sky.",
+    "Please answer the question briefly. Yes. No. Two apples and one orange lie on the plate.",
+    "You are a helpful assistant. The user asks about pictures, videos, objects, colors, numbers and places.",
+    "system user assistant Question Answer Describe Explain Where Which Why When Who",
+    "The quick brown fox jumps over the lazy dog while birds sing in the tall trees of the old park.",
+)
+
+# pad, BOS (LLaVA's Llama tokenizer adds it to every prompt) or ChatML's turn start, EOS: ids PAD_ID, BOS_ID, EOS_ID.
+LLAVA_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# The strings of the model's visual ids, from IMAGE_TOKEN_ID on (image, video, vision start, vision end).
+VISUAL_TOKENS = {
+    "llava": ("<image>",),
+    "llava_next": ("<image>",),
+    "llava_onevision": ("<image>", "<video>"),
+    "qwen2_vl": ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
+    "qwen2_5_vl": ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
+}
+
+
+# Chat templates written for these tests in each family's style. Message content is a string or a list of
+# {"type": "text" | "image" | "video", ...} parts. Assistant text sits in {% generation %} blocks, so
+# apply_chat_template(..., return_assistant_tokens_mask=True) marks the tokens a training loss is computed on: what
+# the model generates after the generation prompt, up to and including the EOS.
+# LLaVA-1.5 / vicuna v1: "[system ]USER: <image>\nquestion ASSISTANT: answer</s>USER: ... ASSISTANT:".
+LLAVA_CHAT_TEMPLATE = r"""
+{%- for message in messages -%}
+    {%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string
+        else message['content'] -%}
+    {%- set text = parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}
+    {%- if loop.first and message['role'] != 'system' and default_system -%}
+        {{- default_system + ' ' -}}
+    {%- endif -%}
+    {%- if message['role'] == 'system' -%}
+        {{- text + ' ' -}}
+    {%- elif message['role'] == 'user' -%}
+        {{- 'USER: ' + '<image>\n' * (parts | selectattr('type', 'equalto', 'image') | list | length) + text + ' ' -}}
+    {%- else -%}
+        {{- 'ASSISTANT:' -}}{%- generation -%}{{- ' ' + text + '</s>' -}}{%- endgeneration -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- 'ASSISTANT:' -}}
+{%- endif -%}
+"""
+# ChatML, visual parts in place: "<|im_start|>user\n<image markup>question<|im_end|>\n<|im_start|>assistant\n".
+CHATML_CHAT_TEMPLATE = r"""
+{%- for message in messages -%}
+    {%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string
+        else message['content'] -%}
+    {{- '<|im_start|>' + message['role'] + '\n' -}}
+    {%- if message['role'] == 'assistant' -%}
+        {%- generation -%}
+            {{- parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') + '<|im_end|>' -}}
+        {%- endgeneration -%}
+    {%- else -%}
+        {%- for part in parts -%}
+            {%- if part['type'] == 'image' -%}
+                {{- image_markup -}}
+            {%- elif part['type'] == 'video' -%}
+                {{- video_markup -}}
+            {%- else -%}
+                {{- part['text'] -}}
+            {%- endif -%}
+        {%- endfor -%}
+        {{- '<|im_end|>' -}}
+    {%- endif -%}
+    {{- '\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+QWEN_MARKUP = (
+    "{%- set image_markup = '<|vision_start|><|image_pad|><|vision_end|>' -%}"
+    "{%- set video_markup = '<|vision_start|><|video_pad|><|vision_end|>' -%}"
+)
+CHAT_TEMPLATES = {
+    "llava": "{%- set default_system = '' -%}" + LLAVA_CHAT_TEMPLATE,
+    "llava_next": '{%- set default_system = "' + TOKENIZER_CORPUS[0] + '" -%}' + LLAVA_CHAT_TEMPLATE,
+    "llava_onevision": r"{%- set image_markup = '<image>\n' -%}{%- set video_markup = '<video>\n' -%}"
+    + CHATML_CHAT_TEMPLATE,
+    "qwen2_vl": QWEN_MARKUP + CHATML_CHAT_TEMPLATE,
+    "qwen2_5_vl": QWEN_MARKUP + CHATML_CHAT_TEMPLATE,
+}
+
+
+def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on TOKENIZER_CORPUS with the family's special and visual tokens at the model's ids.
+
+    Byte-level, so any text encodes without an unknown token. Saved as a plain tokenizers-backed tokenizer: the
+    family's own tokenizer classes rebuild their pre-tokenizer from scratch on load, which would not match this one.
+    Pads on the left, as vlm_inputs does, for batched generation. Holds the family's chat template too, as hub
+    tokenizers do (and as one loaded from a save_tiny_checkpoint folder does).
+    """
+    chatml = family not in ("llava", "llava_next")
+    pad, bos, eos = CHATML_SPECIAL_TOKENS if chatml else LLAVA_SPECIAL_TOKENS
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=IMAGE_TOKEN_ID, special_tokens=[pad, bos, eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    backend.add_special_tokens(list(VISUAL_TOKENS[family]))
+    assert backend.token_to_id(VISUAL_TOKENS[family][0]) == IMAGE_TOKEN_ID, "the corpus gave too few merges"
+    if not chatml:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, BOS_ID)],
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=pad, bos_token=None if chatml else bos, eos_token=eos,
+        padding_side="left", model_max_length=4096, chat_template=CHAT_TEMPLATES[family],
+    )
+
+
+def tiny_processor(family: str):
+    """The family's own transformers processor, built offline to match ``tiny_vlm(family)``.
+
+    LlavaProcessor, LlavaNextProcessor, LlavaOnevisionProcessor, Qwen2VLProcessor or Qwen2_5_VLProcessor with
+    tiny_tokenizer(family), the image (and video) processors vlm_inputs uses and the family-style chat template,
+    so that ``processor(text=..., images=..., videos=..., return_tensors="pt")`` expands each placeholder to the
+    model's feature count and gives what vlm_inputs gives for the same token ids and pixels.
+    """
+    config = CONFIGS[family](1)
+    parts = dict(
+        image_processor=image_processor(config, family), tokenizer=tiny_tokenizer(family),
+        chat_template=CHAT_TEMPLATES[family],
+    )
+    if family in VIDEO_FAMILIES:
+        parts["video_processor"] = video_processor(config, family)
+    if family == "qwen2_vl":
+        return Qwen2VLProcessor(**parts)
+    if family == "qwen2_5_vl":
+        return Qwen2_5_VLProcessor(**parts)
+    vision = config.vision_config
+    if family == "llava_onevision":
+        return LlavaOnevisionProcessor(
+            **parts, num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_aspect_ratio=config.vision_aspect_ratio,
+        )
+    # CLIP's class token is one more feature, which the "default" feature selection drops again.
+    processor_class = LlavaProcessor if family == "llava" else LlavaNextProcessor
+    return processor_class(
+        **parts, patch_size=vision.patch_size, num_additional_image_tokens=1,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
+
+
+def with_random_routers(model):
+    """Routers that rank tokens differently (zero-initialised routers tie, and keep the first tokens)."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".router." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model
+
+
+def save_tiny_checkpoint(family: str, folder, model=None) -> str:
+    """``tiny_vlm(family)`` (or ``model``, e.g. a p-MoD one) and ``tiny_processor(family)`` in one folder, as a hub
+    checkpoint holds them.
+
+    AutoProcessor.from_pretrained(folder) and AutoModelForImageTextToText.from_pretrained(folder) load it offline,
+    so tests can drive the loading path users take. Returns the folder path.
+    """
+    folder = str(folder)
+    (model if model is not None else tiny_vlm(family)).save_pretrained(folder)
+    tiny_processor(family).save_pretrained(folder)
+    return folder

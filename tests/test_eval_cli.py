@@ -241,8 +241,31 @@ def test_data_parallel_run_splits_the_documents_and_gives_the_same_answers(runs,
 def test_eval_script_rejects_bad_settings(tmp_path):
     env = _env(tmp_path)
     for override, message in [({"NUM_GPUS": "two"}, "NUM_GPUS"), ({"BATCH_SIZE": "0"}, "BATCH_SIZE"),
-                              ({"CKPT": "a,b"}, "comma")]:
+                              ({"CKPT": "a,b"}, "comma"), ({"LMMS_MODEL": "llava"}, "LMMS_MODEL")]:
         result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "eval.sh")],
                                 env={**env, "NUM_GPUS": "0", "OUTPUT_DIR": str(tmp_path / "o"), **override},
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr
+
+
+def test_a_transformers_vlm_is_evaluated_by_pmod_hf_through_the_script(fixture_tasks, checkpoint, tmp_path):
+    """scripts/eval.sh picks pmod_hf from the checkpoint's config: a p-MoD Qwen2.5-VL saved by pmod.hf."""
+    from hf_vlm_testing import save_tiny_checkpoint, tiny_vlm, with_random_routers
+
+    from llava.eval.model_choice import lmms_model_for
+    from pmod.hf import apply_pmod
+
+    qwen = save_tiny_checkpoint("qwen2_5_vl", tmp_path / "pmod-qwen",
+                                model=with_random_routers(apply_pmod(tiny_vlm("qwen2_5_vl"), zero_init=False)))
+    assert (lmms_model_for(qwen), lmms_model_for(checkpoint)) == ("pmod_hf", "pmod_llava")
+    out = tmp_path / "out"
+    result = _run(["bash", str(REPO_ROOT / "scripts" / "eval.sh")],
+                  dict(_env(tmp_path), CKPT=qwen, TASKS=TASKS, NUM_GPUS="0", OUTPUT_DIR=str(out), BATCH_SIZE="2",
+                       INCLUDE_PATH=str(fixture_tasks)), cwd=tmp_path)
+    assert "(pmod_hf)" in result.stderr
+    assert len(_answers(out)) == 6 + 5 + 5
+    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]
+    assert 0.0 <= results["pmod_ci_pope_a"]["pope_accuracy,none"] <= 1.0
+    records = [json.loads(line) for line in (out / "efficiency" / "efficiency_rank0.jsonl").read_text().splitlines()]
+    assert len(records) == 6 + 5 + 5 and all(record["vision_tokens"] > 0 for record in records)
+    assert json.loads((out / "efficiency_summary.json").read_text())["tflops_ratio"] < 1.0

@@ -11,7 +11,8 @@ import copy
 
 import pytest
 import torch
-from hf_vlm_testing import FAMILIES, Sample, tiny_vlm, visual_token_mask, vlm_inputs
+from hf_vlm_testing import FAMILIES, Sample, tiny_vlm, visual_token_mask, vlm_inputs, with_random_routers
+from safetensors.torch import load_file
 
 from pmod.hf import SUPPORTED_ARCHITECTURES, apply_pmod, from_pretrained, pmod_settings
 from pmod.hf_compat import output_cache
@@ -26,16 +27,6 @@ MIXED = [Sample([1, 5], [7, 8, 9], image_sizes=((84, 56),)),
 
 def pmod_model(family: str, zero_init: bool = False, **kwargs):
     return apply_pmod(tiny_vlm(family), schedule=SCHEDULE, router_factor=FACTOR, zero_init=zero_init, **kwargs)
-
-
-def with_random_routers(model):
-    """Routers that rank tokens differently (zero-initialised routers tie, and keep the first tokens)."""
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".router." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return model
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -112,7 +103,7 @@ def test_training_steps_lower_the_loss_and_move_the_routers(family):
         loss = model(**inputs, labels=labels, use_cache=False).loss
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0]
     moved = [name for name, param in model.named_parameters() if ".router." in name
              and not torch.equal(param.detach(), routers[name])]
@@ -127,6 +118,14 @@ def test_save_and_load_give_the_same_model(family, tmp_path):
     inputs = vlm_inputs(model, family, MIXED)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
+
+def test_checkpoints_keep_the_hub_weight_names_plus_routers(family, tmp_path):
+    tiny_vlm(family).save_pretrained(tmp_path / "dense")
+    pmod_model(family).save_pretrained(tmp_path / "pmod")
+    dense, pmod = (set(load_file(tmp_path / name / "model.safetensors")) for name in ("dense", "pmod"))
+    routers = {name for name in pmod if ".router." in name}
+    assert pmod - routers == dense and len(routers) == 2 * 4  # weight and bias on each of layers 2-5
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl"])

@@ -8,54 +8,26 @@ Differences from lmms-eval's built-in `llava` adapter, on purpose:
 - `clean()` keeps the model, so one adapter can evaluate a model during training again and again;
 - optional per-sample efficiency records (prompt, vision and kept tokens, TFLOPs, KV cache).
 
-lmms-eval is imported here only; the rest of the package does not need it.
+Request batching, argument checks and device placement are shared with ``pmod_hf`` (``llava.eval.lmms_base``).
 """
 
-import contextlib
-import gc
-import inspect
 import json
 import logging
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
-from lmms_eval.api.model import lmms
-from tqdm import tqdm
+from lmms_eval.api.instance import GenerationResult, TokenCounts
 
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava.eval.batching import kwargs_key, left_pad, plan_batches, restore_order
+from llava.eval.batching import left_pad
 from llava.eval.efficiency import EfficiencyLog, kept_vision_per_layer
 from llava.eval.generation import plan_generation, truncate_at_stop_strings
+from llava.eval.lmms_base import BatchedModel, as_bool, continuation_logprob, parse_dtype
 from llava.eval.prompting import build_prompt
 from llava.mm_utils import process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
-
-
-def parse_dtype(dtype: Any) -> Optional[torch.dtype]:
-    """`dtype=` model argument -> torch dtype; None or "auto" leaves the choice to the loader."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype).lower() == "auto":
-        return None
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"pmod_llava: dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
-
-
-def _as_bool(value: Any) -> bool:
-    """lmms-eval passes model arguments as strings ("False")."""
-    return value if isinstance(value, bool) else str(value).strip().lower() not in ("false", "0", "no", "")
 
 
 def _read_config_overrides(path: Optional[str]) -> Optional[dict]:
@@ -71,13 +43,7 @@ def _read_config_overrides(path: Optional[str]) -> Optional[dict]:
     return overrides
 
 
-def _default_device(device: Optional[str]) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-class PmodLlava(lmms):
+class PmodLlava(BatchedModel):
     """A LLaVA / p-MoD LLaVA checkpoint (or an already-built model) behind lmms-eval's simple-model API.
 
     Model arguments (`--model_args k=v,...`): `pretrained` (checkpoint folder), `model_base`,
@@ -95,7 +61,7 @@ class PmodLlava(lmms):
     the model truncates after image expansion, at the checkpoint's `tokenizer_model_max_length`).
     """
 
-    is_simple = True
+    model_id = "pmod_llava"
 
     def __init__(
         self,
@@ -122,20 +88,7 @@ class PmodLlava(lmms):
         **unknown: Any,
     ) -> None:
         super().__init__()
-        if unknown:
-            accepted = [name for name in inspect.signature(PmodLlava.__init__).parameters
-                        if name not in ("self", "unknown")]
-            raise TypeError(f"pmod_llava: unknown model argument(s) {', '.join(sorted(unknown))}; "
-                            f"accepted: {', '.join(accepted)}")
-        if not _as_bool(use_cache):
-            raise ValueError("pmod_llava: use_cache=False is not supported (generation with images needs the cache)")
-        try:
-            self.batch_size_per_gpu = int(batch_size)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"pmod_llava: batch_size must be an integer, got {batch_size!r} ('auto' is not supported)") from None
-        if self.batch_size_per_gpu < 1:
-            raise ValueError(f"pmod_llava: batch_size must be >= 1, got {self.batch_size_per_gpu}")
+        self._check_arguments(unknown, batch_size, use_cache)
         self.conv_template = str(conv_template)
 
         if model is not None:
@@ -145,7 +98,7 @@ class PmodLlava(lmms):
         else:
             self._load(str(pretrained), model_base, model_name, device, attn_implementation, parse_dtype(dtype),
                        device_map, _read_config_overrides(customized_config))
-            if _as_bool(tie_weights):
+            if as_bool(tie_weights):
                 self._model.tie_weights()
 
         self._pad_token_id = (self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None
@@ -155,20 +108,9 @@ class PmodLlava(lmms):
 
     def _load(self, pretrained, model_base, model_name, device, attn_implementation, dtype, device_map,
               overwrite_config) -> None:
-        from accelerate import Accelerator, InitProcessGroupKwargs
-
         from llava.model.builder import load_pretrained_model
 
-        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
-        self.accelerator = accelerator
-        if accelerator.num_processes > 1:
-            self._device = accelerator.device
-            self._rank = accelerator.process_index
-            self._world_size = accelerator.num_processes
-        else:
-            single_device = device_map if device_map not in (None, "auto") else device
-            self._device = _default_device(single_device)
-        spread = device_map == "auto" and accelerator.num_processes == 1
+        spread = self._place(device, device_map)
         self._tokenizer, model, self._image_processor, self._max_length = load_pretrained_model(
             pretrained, model_base, model_name, device=str(self._device), dtype=dtype,
             attn_implementation=attn_implementation, device_map="auto" if spread else None,
@@ -188,67 +130,7 @@ class PmodLlava(lmms):
         self._image_processor = image_processor
         self._max_length = getattr(model.config, "tokenizer_model_max_length", None) or 2048
         self._device = next(model.parameters()).device
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self._rank = torch.distributed.get_rank()
-            self._world_size = torch.distributed.get_world_size()
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self._model
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def config(self):
-        return self._model.config
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def batch_size(self) -> int:
-        return self.batch_size_per_gpu
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    def clean(self) -> None:
-        """Free cached memory but keep the model (lmms-eval's default deletes every nn.Module attribute)."""
-        if self.efficiency is not None:
-            self.efficiency.flush()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        was_training = self._model.training
-        self._model.eval()
-        try:
-            yield
-        finally:
-            self._model.train(was_training)
-
-    def _doc(self, task: str, split: str, doc_id: int):
-        try:
-            return self.task_dict[task][split][doc_id]
-        except (KeyError, IndexError) as error:
-            raise KeyError(f"pmod_llava: no document {doc_id} in task {task!r} split {split!r} "
-                           "(lm.task_dict must be filled by lmms-eval)") from error
-
-    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
-        if doc_to_visual is None:
-            return []
-        visuals = doc_to_visual(self._doc(task, split, doc_id)) or []
-        for visual in visuals:
-            if not hasattr(visual, "size") or not hasattr(visual, "convert"):
-                raise TypeError(f"pmod_llava: task {task!r} doc {doc_id} gave a {type(visual).__name__} visual; "
-                                "only images (PIL) are supported")
-        return [visual.convert("RGB") for visual in visuals]
+        self._adopt_distributed_rank()
 
     def _image_inputs(self, visuals: Sequence) -> Tuple[Any, Optional[List[Tuple[int, int]]]]:
         """Processed images (per the checkpoint's pad/anyres setting) in the model's dtype, and their (w, h)."""
@@ -269,42 +151,6 @@ class PmodLlava(lmms):
     def _left_pad(self, sequences: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
         input_ids, attention_mask = left_pad(sequences, self._pad_token_id)
         return input_ids.to(self.device), attention_mask.to(self.device)
-
-    def _generated_length(self, tokens: List[int]) -> int:
-        eos = self._tokenizer.eos_token_id
-        return tokens.index(eos) + 1 if eos in tokens else len(tokens)
-
-    def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
-        """Batches of requests with equal generation kwargs, longest context first; images are loaded per batch."""
-        pending = []
-        for request in requests:
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            pending.append({"context": context, "gen_kwargs": gen_kwargs, "doc_to_visual": doc_to_visual,
-                            "task": task, "split": split, "doc_id": doc_id,
-                            "length": len(self._tokenizer(context, add_special_tokens=False)["input_ids"]),
-                            "padding": bool((request.metadata or {}).get("__padding_only__"))})
-        batches = list(plan_batches(pending, self.batch_size, group_key=lambda item: kwargs_key(item["gen_kwargs"]),
-                                    length=lambda item: item["length"]))
-        answered = []
-        with self._eval_mode():
-            for batch in tqdm(batches, disable=self.rank != 0, desc="pmod_llava generate"):
-                answered.extend(self._answer_batch(batch))
-        return restore_order(len(requests), answered)
-
-    def _answer_batch(self, batch) -> List[Tuple[int, GenerationResult]]:
-        """Load the batch's images, then generate (image and text-only prompts in separate calls)."""
-        for _, item in batch:
-            item["visuals"] = self._visuals(item["doc_to_visual"], item["task"], item["split"], item["doc_id"])
-            item["ids"] = self._prompt_ids(item["context"], len(item["visuals"]))
-        answered = []
-        for has_images in (True, False):
-            part = [(index, item) for index, item in batch if bool(item["visuals"]) == has_images]
-            if part:
-                answers = self._generate_batch([item for _, item in part])
-                answered.extend(zip([index for index, _ in part], answers))
-        for _, item in batch:
-            del item["visuals"]
-        return answered
 
     @torch.inference_mode()
     def _generate_batch(self, items: List[Dict[str, Any]]) -> List[GenerationResult]:
@@ -342,21 +188,6 @@ class PmodLlava(lmms):
                 generated_tokens=self._generated_length(tokens))
         self.efficiency.flush()
 
-    def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
-        with self._eval_mode():
-            return [self._loglikelihood_one(request)
-                    for request in tqdm(requests, disable=self.rank != 0, desc="pmod_llava loglikelihood")]
-
-    def _loglikelihood_one(self, request: Instance) -> Tuple[float, bool]:
-        context, target, doc_to_visual, doc_id, task, split = request.args
-        continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
-        if isinstance(continuation, (list, tuple)):
-            continuation = continuation[0]
-        if not continuation:
-            raise ValueError(f"pmod_llava: empty continuation for task {task!r} doc {doc_id}")
-        visuals = self._visuals(doc_to_visual, task, split, doc_id)
-        return self._continuation_logprob(context, str(continuation), visuals)
-
     def _split_continuation(self, context: str, continuation: str, num_images: int) -> Tuple[List[int], List[int]]:
         """Token ids of the prompt and of the continuation, tokenized together as the model would see them."""
         prompt = build_prompt(context, num_images, self.conv_template)
@@ -373,15 +204,4 @@ class PmodLlava(lmms):
         images, image_sizes = self._image_inputs(visuals)
         logits = self._model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              images=images, image_sizes=image_sizes).logits[0]
-        # The continuation is plain text at the end of the (image-expanded) sequence: the last
-        # len(continuation) tokens are predicted by the positions just before them.
-        count = len(continuation_ids)
-        logprobs = torch.log_softmax(logits[-count - 1:-1].float(), dim=-1)
-        targets = torch.tensor(continuation_ids, device=logprobs.device)
-        total = logprobs.gather(-1, targets[:, None]).sum().item()
-        greedy = bool((logprobs.argmax(dim=-1) == targets).all().item())
-        return float(total), greedy
-
-    def generate_until_multi_round(self, requests) -> List[str]:
-        raise NotImplementedError("pmod_llava does not implement multi-round generation; none of the paper's "
-                                  "14 benchmarks needs it")
+        return continuation_logprob(logits, continuation_ids)

@@ -6,9 +6,11 @@
     model = apply_pmod(Qwen2_5_VLForConditionalGeneration.from_pretrained(...), schedule="shiftedcos_decay_0.85_0.15")
     model.save_pretrained("pmod-qwen")            # settings and routers travel with the checkpoint
     model = from_pretrained("pmod-qwen")           # the same p-MoD model again
+    model = load_vlm(path)                         # p-MoD or dense, whichever the checkpoint is
 """
 
 from pmod.hf.families import SUPPORTED_ARCHITECTURES
-from pmod.hf.model import apply_pmod, from_pretrained, pmod_settings
+from pmod.hf.model import apply_pmod, from_pretrained, has_pmod_settings, load_vlm, pmod_settings
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "apply_pmod", "from_pretrained", "pmod_settings"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "apply_pmod", "from_pretrained", "has_pmod_settings", "load_vlm",
+           "pmod_settings"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoConfig
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from pmod.cache import PmodCache
 from pmod.hf.families import PMOD_PREFIX, base_architecture, text_layers, visual_token_ids
@@ -111,11 +112,26 @@ def pmod_class(base: type) -> type:
                 cache = PmodCache(config=self.config.get_text_config())
             return base.generate(self, *args, **cache_kwargs(cache), **kwargs)
 
-        _MODEL_CLASSES[base] = type(f"{PMOD_PREFIX}{base.__name__}", (base,), {
+        name = f"{PMOD_PREFIX}{base.__name__}"
+        _share_checkpoint_layout(base, name)
+        _MODEL_CLASSES[base] = type(name, (base,), {
             "__init__": __init__, "forward": forward, "generate": generate,
             "__doc__": f"{base.__name__} with p-MoD layers (pmod.hf); reload with pmod.hf.from_pretrained.",
         })
     return _MODEL_CLASSES[base]
+
+
+def _share_checkpoint_layout(base: type, name: str) -> None:
+    """Save and load class ``name`` with the weight names of ``base``'s checkpoints.
+
+    transformers renames weights between a checkpoint and the module tree by class name or model type, and
+    skips classes defined outside transformers unless registered: unregistered, a p-MoD model would save under
+    other names than the hub layout its base class uses.
+    """
+    mapping = get_checkpoint_conversion_mapping(base.__name__) or get_checkpoint_conversion_mapping(
+        base.config_class.model_type)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
 
 
 def _open_session(model, input_ids, inputs_embeds, attention_mask, cache, use_cache, kwargs):
@@ -148,11 +164,25 @@ def _targets(model, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(input_ids, ids)
 
 
+def has_pmod_settings(config) -> bool:
+    """Whether a (VLM) config holds p-MoD settings, i.e. was saved from a p-MoD model."""
+    return getattr(config.get_text_config(), "mod_target_layers", None) is not None
+
+
+def load_vlm(path: str | Path, **kwargs):
+    """A supported checkpoint as it was saved: p-MoD (``from_pretrained``) or dense (transformers' own class)."""
+    config = AutoConfig.from_pretrained(path)
+    if has_pmod_settings(config):
+        return from_pretrained(path, **kwargs)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    base_architecture(model)
+    return model
+
+
 def from_pretrained(path: str | Path, **kwargs):
     """Load a p-MoD checkpoint saved from a ``pmod.hf`` model (routers included), in its p-MoD class."""
     config = AutoConfig.from_pretrained(path)
-    text_config = config.get_text_config()
-    if getattr(text_config, "mod_target_layers", None) is None:
+    if not has_pmod_settings(config):
         raise ValueError(f"{path}: no p-MoD settings in its config; for a dense checkpoint load it with "
                          "transformers and call pmod.hf.apply_pmod(model, ...)")
     name = (config.architectures or [""])[0].removeprefix(PMOD_PREFIX)

@@ -1,0 +1,165 @@
+"""The pmod_hf lmms-eval adapter in process, on tiny transformers VLM checkpoints (dense and p-MoD, saved to disk
+with their processors as hub checkpoints are): answers independent of the batch, equal to the model's own
+generate on the processor's input; efficiency records from the generation's cache; loglikelihood; bad arguments."""
+
+import json
+
+import pytest
+import torch
+from hf_vlm_testing import save_tiny_checkpoint, tiny_vlm, with_random_routers
+from PIL import Image
+
+pytest.importorskip("lmms_eval")
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+
+from llava.eval.lmms_hf_adapter import PmodHF  # noqa: E402
+from pmod.accounting import ModelShape, estimate  # noqa: E402
+from pmod.hf import apply_pmod  # noqa: E402
+from pmod.schedule import schedule_from_config  # noqa: E402
+
+pytestmark = pytest.mark.compat
+GREEDY = {"max_new_tokens": 4, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
+FAMILIES = ("llava", "llava_onevision", "qwen2_5_vl")
+
+
+def _images(count, offset):
+    return [Image.new("RGB", (28 + 14 * i, 56 + 14 * (i % 2)), ((60 * i + offset) % 256, 90 + offset, 200 - 30 * i))
+            for i in range(count)]
+
+
+TASK_DICT = {"ci_a": {"test": [{"image": image} for image in _images(4, 0)]},
+             "ci_b": {"val": [{"image": image} for image in _images(4, 120)]}}
+
+
+def _visual(doc):
+    return [doc["image"]]
+
+
+def _request(kind, args):
+    return Instance(kind, args, idx=0, metadata={"task": args[4], "doc_id": args[3], "repeats": 1})
+
+
+def _mixed_requests():
+    requests = []
+    for doc_id in range(4):
+        requests.append(_request("generate_until", ("Describe" + " it" * doc_id + ".", dict(GREEDY), _visual, doc_id,
+                                                    "ci_a", "test")))
+        requests.append(_request("generate_until", ("What color?", dict(GREEDY), _visual, doc_id, "ci_b", "val")))
+    return requests
+
+
+def _generate(lm, requests, batch_size):
+    lm.batch_size_per_gpu = batch_size
+    lm.task_dict = TASK_DICT
+    return [result.text for result in lm.generate_until(requests)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-eval")
+    folders = {}
+    for family in FAMILIES:
+        folders[(family, "dense")] = save_tiny_checkpoint(family, root / f"{family}-dense")
+        pmod = with_random_routers(apply_pmod(tiny_vlm(family), zero_init=False))
+        folders[(family, "pmod")] = save_tiny_checkpoint(family, root / f"{family}-pmod", model=pmod)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoints):
+    return {key: PmodHF(pretrained=path, device="cpu") for key, path in checkpoints.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_size_three_gives_the_answers_of_batch_size_one(adapters, family):
+    lm = adapters[(family, "pmod")]
+    assert type(lm.model).__name__.startswith("Pmod")
+    requests = _mixed_requests()
+    single = _generate(lm, requests, 1)
+    assert _generate(lm, requests, 3) == single
+    assert single[0::2] != single[1::2], "each request must answer about its own task's image"
+
+
+@pytest.mark.parametrize("variant", ["dense", "pmod"])
+def test_an_answer_is_the_models_own_generate_on_the_processors_input(adapters, variant):
+    lm = adapters[("qwen2_5_vl", variant)]
+    lm.batch_size_per_gpu = 1
+    lm.task_dict = TASK_DICT
+    answer = lm.generate_until([_request("generate_until", ("What color?", dict(GREEDY), _visual, 2, "ci_b",
+                                                            "val"))])[0].text
+    processor = lm._processor
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                          {"type": "text", "text": "What color?"}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[TASK_DICT["ci_b"]["val"][2]["image"]], return_tensors="pt")
+    with torch.no_grad():
+        tokens = lm.model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert answer == processor.tokenizer.decode(tokens, skip_special_tokens=True).split("\n\n")[0]
+    assert answer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_efficiency_records_read_the_kept_tokens_from_the_cache(checkpoints, family, tmp_path):
+    records = {}
+    for variant in ("dense", "pmod"):
+        lm = PmodHF(pretrained=checkpoints[(family, variant)], device="cpu", batch_size="2", log_efficiency="True",
+                    efficiency_dir=str(tmp_path / variant))
+        _generate(lm, _mixed_requests()[:4], 2)
+        records[variant] = [json.loads(line) for line in (tmp_path / variant / "efficiency_rank0.jsonl")
+                            .read_text().splitlines()]
+    text_config = tiny_vlm(family).config.get_text_config()
+    pmod_config = apply_pmod(tiny_vlm(family)).config.get_text_config()
+    schedule = schedule_from_config(pmod_config)
+    assert len(records["pmod"]) == len(records["dense"]) == 4
+    for dense, pmod in zip(records["dense"], records["pmod"]):
+        assert (dense["doc_id"], dense["vision_tokens"]) == (pmod["doc_id"], pmod["vision_tokens"])
+        assert pmod["vision_tokens"] > 0
+        assert dense["kept_vision_per_layer"] == [dense["vision_tokens"]] * text_config.num_hidden_layers
+        assert pmod["kept_vision_per_layer"] == schedule.keep_counts(pmod["vision_tokens"])
+        expected = estimate(ModelShape.from_config(text_config), schedule, pmod["text_tokens"],
+                            pmod["vision_tokens"], kv_dtype="float32")
+        assert pmod["tflops"] == pytest.approx(expected.total_flops / 1e12)
+        assert pmod["tflops"] < dense["tflops"] == pytest.approx(pmod["dense_tflops"])
+
+
+def test_loglikelihood_is_the_log_probability_of_a_direct_forward(adapters):
+    lm = adapters[("llava", "pmod")]
+    lm.task_dict = TASK_DICT
+    [(logprob, greedy)] = lm.loglikelihood([_request("loglikelihood", ("What color?", " red", _visual, 1, "ci_a",
+                                                                      "test"))])
+    processor = lm._processor
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                          {"type": "text", "text": "What color?"}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    context = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = processor.tokenizer(prompt + " red", add_special_tokens=False)["input_ids"]
+    inputs = processor(text=[prompt + " red"], images=[TASK_DICT["ci_a"]["test"][1]["image"]], return_tensors="pt")
+    with torch.no_grad():
+        logits = lm.model(**inputs).logits[0].float()
+    targets = whole[len(context):]
+    logprobs = torch.log_softmax(logits[-len(targets) - 1:-1], dim=-1)
+    assert logprob == pytest.approx(sum(logprobs[i, t].item() for i, t in enumerate(targets)), abs=1e-4)
+    assert greedy == all(logprobs[i].argmax().item() == t for i, t in enumerate(targets))
+
+
+def test_text_only_requests_and_a_built_model_work(adapters):
+    lm = adapters[("qwen2_5_vl", "pmod")]
+    request = _request("generate_until", ("Name a color.", dict(GREEDY), None, 0, "ci_a", "test"))
+    lm.task_dict = TASK_DICT
+    answer = lm.generate_until([request])[0].text
+    built = PmodHF(model=lm.model, processor=lm._processor)
+    built.task_dict = TASK_DICT
+    assert built.generate_until([request])[0].text == answer
+    assert _generate(built, _mixed_requests()[:2], 2) == _generate(lm, _mixed_requests()[:2], 2)
+
+
+def test_bad_model_arguments_are_named(checkpoints):
+    with pytest.raises(TypeError, match="pmod_hf: unknown model argument.*conv_templat"):
+        PmodHF(pretrained=checkpoints[("llava", "dense")], conv_templat="x")
+    with pytest.raises(ValueError, match="pmod_hf: dtype='int8'"):
+        PmodHF(pretrained=checkpoints[("llava", "dense")], dtype="int8")
+    with pytest.raises(ValueError, match="pmod_hf: a built `model` needs its `processor`"):
+        PmodHF(model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="pmod_hf: batch_size must be an integer"):
+        PmodHF(pretrained=checkpoints[("llava", "dense")], batch_size="auto")
