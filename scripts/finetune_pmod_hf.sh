@@ -4,7 +4,8 @@
 # per-family scripts (finetune_pmod_<family>.sh) set MODEL and the learning rate and run this one.
 # Defaults follow p-MoD's stage 2: 1 epoch, global batch 128, bf16, gradient checkpointing, the official
 # schedule (shiftedcos_decay_0.85_0.15, factor 0.5, tanh_0.2_1, router bias and zero init); the vision tower
-# stays frozen. Every path and size is an environment variable; extra arguments go to the trainer.
+# stays frozen. PMOD=0 fine-tunes the dense model with the same recipe (the baseline). Every path and size is an
+# environment variable; extra arguments go to the trainer.
 set -euo pipefail
 
 MODEL=${MODEL:?set MODEL, or run one of scripts/finetune_pmod_<family>.sh}
@@ -18,6 +19,7 @@ SAVE_STEPS=${SAVE_STEPS:-100}
 DEFAULT_DS_CONFIG=scripts/zero3.json
 TRAIN_MODULE=llava.train.train_hf
 source "$(dirname "${BASH_SOURCE[0]}")/train_launcher.sh"
+[[ "${PMOD:-1}" == 0 ]] && pmod_flags=()
 
 launch_train \
     --model_name_or_path "$MODEL" \

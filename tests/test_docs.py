@@ -44,3 +44,18 @@ def test_user_docs_hold_no_internal_notes():
         assert "for the lead" not in text, doc.name
         commits = re.findall(r"\bcommit [0-9a-f]{7,40}\b|\b(?:before|after) [0-9a-f]{7}\b", text)
         assert not commits, f"{doc.name}: {commits}"
+
+
+def test_the_transformers_vlm_python_example_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
+    from llava.tiny_hf_models import save_tiny_checkpoint
+
+    code = (REPO_ROOT / "docs" / "hf_models.md").read_text().split("```python", 1)[1].split("```", 1)[0]
+    hub_line = 'MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"'
+    assert hub_line in code
+    checkpoint = save_tiny_checkpoint("qwen2_5_vl", tmp_path / "tiny-qwen")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code.replace(hub_line, f"MODEL = {checkpoint!r}"), "docs/hf_models.md", "exec"), namespace)
+    assert type(namespace["model"]).__name__ == "PmodQwen2_5_VLForConditionalGeneration"
+    assert (tmp_path / "checkpoints" / "pmod-qwen2.5-vl" / "processor_config.json").exists()
+    assert namespace["answer"].shape[1] > namespace["inputs"]["input_ids"].shape[1]

@@ -116,8 +116,9 @@ def build_report(results: list[ModelResult], scale_name: str, scale: dict, timin
         f"| stage-2 training wall time (s) | | {dense.train_seconds:.0f} | {pmod.train_seconds:.0f} |",
         f"| evaluation wall time (s) | | {dense.eval_seconds:.0f} | {pmod.eval_seconds:.0f} |",
         "",
-        (f"Setup {timings.get('setup', 0):.0f} s, stage 1 {timings.get('stage1', 0):.0f} s. "
-        "TFLOPs and KV cache: LLM prefill of one held-out sample (pmod.accounting), means over samples."),
+        (f"Setup {timings.get('setup', 0):.0f} s"
+         + (f", stage 1 {timings['stage1']:.0f} s" if "stage1" in timings else "")
+         + ". TFLOPs and KV cache: LLM prefill of one held-out sample (pmod.accounting), means over samples."),
     ]
     if figures:
         lines += ["", "Token-selection figures (p-MoD model):", *[f"- {path}" for path in figures]]

@@ -59,9 +59,11 @@ SCALES = {
 }
 
 
-def scale_with_overrides(name: str, overrides: list[str]) -> Scale:
-    """The preset `name` with `KEY=VALUE` overrides of its fields (e.g. `stage2_steps=600`)."""
-    values = asdict(SCALES[name])
+def scale_with_overrides(name: str, overrides: list[str], presets: dict | None = None):
+    """The preset `name` (of `presets`, default SCALES) with `KEY=VALUE` overrides of its fields
+    (e.g. `stage2_steps=600`)."""
+    preset = (presets or SCALES)[name]
+    values = asdict(preset)
     for override in overrides:
         key, separator, text = override.partition("=")
         if not separator or key not in values:
@@ -70,7 +72,7 @@ def scale_with_overrides(name: str, overrides: list[str]) -> Scale:
             values[key] = type(values[key])(text)
         except ValueError:
             raise ValueError(f"--set {override!r}: {key} needs a {type(values[key]).__name__}") from None
-    return Scale(**values)
+    return type(preset)(**values)
 
 
 def stage_header(title: str) -> None:
