@@ -161,5 +161,18 @@ def test_bad_model_arguments_are_named(checkpoints):
         PmodHF(pretrained=checkpoints[("llava", "dense")], dtype="int8")
     with pytest.raises(ValueError, match="pmod_hf: a built `model` needs its `processor`"):
         PmodHF(model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="pmod_hf: min_pixels / max_pixels apply to Qwen-VL"):
+        PmodHF(pretrained=checkpoints[("llava", "dense")], device="cpu", max_pixels=3136)
     with pytest.raises(ValueError, match="pmod_hf: batch_size must be an integer"):
         PmodHF(pretrained=checkpoints[("llava", "dense")], batch_size="auto")
+
+
+def test_max_pixels_bounds_the_qwen_visual_tokens(checkpoints, tmp_path):
+    counts = {}
+    for limit in (None, 4 * 28 * 28):
+        lm = PmodHF(pretrained=checkpoints[("qwen2_5_vl", "pmod")], device="cpu", max_pixels=limit,
+                    log_efficiency=True, efficiency_dir=str(tmp_path / str(limit)))
+        lm.task_dict = {"big": {"test": [{"image": Image.new("RGB", (112, 112), (9, 99, 199))}]}}
+        lm.generate_until([_request("generate_until", ("What color?", dict(GREEDY), _visual, 0, "big", "test"))])
+        counts[limit] = lm.efficiency.records[0]["vision_tokens"]
+    assert counts == {None: 16, 4 * 28 * 28: 4}

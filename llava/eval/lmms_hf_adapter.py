@@ -100,7 +100,9 @@ class PmodHF(BatchedModel):
         from transformers import AutoProcessor
 
         spread = self._place(device, device_map)
-        self._processor = AutoProcessor.from_pretrained(pretrained, **limits)
+        self._processor = AutoProcessor.from_pretrained(pretrained)
+        if limits:
+            self._processor = AutoProcessor.from_pretrained(pretrained, size=self._bounded_size(limits))
         model = load_vlm(pretrained, dtype=dtype or ("auto" if self._device.type == "cuda" else torch.float32),
                          attn_implementation=attn_implementation, device_map="auto" if spread else None)
         self._model = (model if spread else model.to(self._device)).eval()
@@ -108,6 +110,15 @@ class PmodHF(BatchedModel):
             self._device = model.device
         logger.info("pmod_hf: %s (%s) on %s (rank %d of %d)", pretrained, type(model).__name__, self._device,
                     self._rank, self._world_size)
+
+    def _bounded_size(self, limits: dict) -> dict:
+        """The image processor's ``size`` with ``min_pixels`` / ``max_pixels`` as its shortest / longest edge (the
+        pixel-count bounds of Qwen-VL processors)."""
+        size = {key: value for key, value in dict(self._processor.image_processor.size).items() if value is not None}
+        if "longest_edge" not in size:
+            raise ValueError("pmod_hf: min_pixels / max_pixels apply to Qwen-VL image processors only")
+        names = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
+        return {**size, **{names[name]: value for name, value in limits.items()}}
 
     def _prompt(self, context: str, num_images: int, continuation: str = "") -> str:
         parts = content_parts(context)
