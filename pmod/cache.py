@@ -5,6 +5,10 @@ compact, right-padded layout: its key axis is shorter than the sequence, and row
 different slots. Each such layer is a :class:`CompactLayer`, which knows which of its slots are real, and
 reports its own key length as the query offset to transformers' masking, so any number of new tokens can
 follow a filled cache (decode steps, a second chat turn, chunked text).
+
+Every layer writes new tokens into a preallocated buffer (:class:`GrowableLayer`) instead of concatenating:
+transformers' DynamicLayer copies the whole cache of every layer at every decode step, which on long
+multimodal prompts moves as many bytes as the attention reads.
 """
 
 from __future__ import annotations
@@ -13,8 +17,89 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
-class CompactLayer(DynamicLayer):
-    """The cache of one p-MoD layer: a DynamicLayer plus which prefill slots of each row hold real tokens."""
+class GrowableLayer(DynamicLayer):
+    """A DynamicLayer that writes new keys and values into preallocated buffers.
+
+    ``keys`` / ``values`` are views of the buffers' first ``length`` slots, so whatever reads them (attention,
+    masks, ``get_seq_length``) sees what a DynamicLayer holds. A full buffer grows by ``max(256, length // 8)``
+    slots at once: one copy per growth instead of one per step, for at most an eighth more memory. New keys
+    that need gradients are concatenated as DynamicLayer does (in-place writes would break autograd).
+    """
+
+    MIN_GROWTH = 256
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.requires_grad or value_states.requires_grad:
+            self._buffers = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        if self._buffers is None or end > self._buffers[0].shape[-2]:
+            self._grow(key_states, value_states, start, end)
+        for buffer, states in zip(self._buffers, (key_states, value_states)):
+            buffer[..., start:end, :].copy_(states)
+        self._view(end)
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, end: int) -> None:
+        capacity = end + max(self.MIN_GROWTH, end // 8)
+        grown = []
+        for states, held in zip((key_states, value_states), (self.keys, self.values)):
+            buffer = states.new_empty(*states.shape[:-2], capacity, states.shape[-1])
+            if start:
+                buffer[..., :start, :].copy_(held)
+            grown.append(buffer)
+        self._buffers = tuple(grown)
+
+    def _view(self, length: int) -> None:
+        self.keys = self._buffers[0][..., :length, :]
+        self.values = self._buffers[1][..., :length, :]
+
+    def _rebuffer(self, operation) -> None:
+        """Apply a batch operation (reorder, repeat, select) to the buffers and keep the views on them."""
+        length = self.get_seq_length()
+        if self._buffers is None or length == 0:
+            return
+        self._buffers = tuple(operation(buffer) for buffer in self._buffers)
+        self._view(length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self._buffers is None:
+            return super().reorder_cache(beam_idx)
+        self._rebuffer(lambda buffer: buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._buffers is None:
+            return super().batch_repeat_interleave(repeats)
+        self._rebuffer(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._buffers is None:
+            return super().batch_select_indices(indices)
+        self._rebuffer(lambda buffer: buffer[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self._buffers is not None and self.is_initialized:
+            self._view(self.get_seq_length())
+
+    def offload(self):
+        self._buffers = None
+        super().offload()
+
+    def reset(self) -> None:
+        self._buffers = None
+        super().reset()
+
+
+class CompactLayer(GrowableLayer):
+    """The cache of one p-MoD layer: a GrowableLayer plus which prefill slots of each row hold real tokens."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -71,6 +156,13 @@ class CompactLayer(DynamicLayer):
         self._forget_prefill()
 
 
+class ConcatenatingCompactLayer(CompactLayer):
+    """A CompactLayer that grows by concatenation, as transformers' DynamicLayer does."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
+
+
 class PmodCache(DynamicCache):
     """DynamicCache whose p-MoD layers (``config.mod_target_layer_indices``) are :class:`CompactLayer`s.
 
@@ -78,10 +170,16 @@ class PmodCache(DynamicCache):
     ``get_query_offset`` answers "keys this layer holds", which is what a causal mask needs.
     """
 
-    def __init__(self, *args, config=None, **kwargs):
+    def __init__(self, *args, config=None, preallocate: bool = True, **kwargs):
+        """``preallocate=False`` keeps transformers' concatenating layers for the dense layers and the compact
+        layers' growth (the reference the preallocated buffers are tested and benchmarked against)."""
         super().__init__(*args, config=config, **kwargs)
+        if preallocate:
+            for index, layer in enumerate(self.layers):
+                if type(layer) is DynamicLayer:
+                    self.layers[index] = GrowableLayer()
         for index in getattr(config, "mod_target_layer_indices", None) or ():
-            self.layers[index] = CompactLayer()
+            self.layers[index] = CompactLayer() if preallocate else ConcatenatingCompactLayer()
         self.seen_tokens = 0
         self.prefill_vision: tuple[int, ...] | None = None  # vision tokens per row at the routed prefill
         self.added_tokens_may_pad = False  # a multi-token step after prefill came with an attention mask
