@@ -105,6 +105,13 @@ class ModelPair:
     device: torch.device
     dtype: torch.dtype
 
+    @property
+    def schedule(self):
+        return self.pmod.get_model().schedule
+
+    def inputs(self, batch: int, uneven: bool = False) -> LlmInputs:
+        return llm_inputs(self, batch, uneven=uneven)
+
 
 def build_pair(preset: BenchPreset, device: torch.device, dtype: torch.dtype, seed: int = 0) -> ModelPair:
     """Build the p-MoD model directly on ``device`` in ``dtype`` (no CPU copy), then its dense twin."""
@@ -168,14 +175,14 @@ def _share_tensors(dense: torch.nn.Module, pmod: torch.nn.Module) -> None:
     }
     buffers = {name.replace(".decoder_layer.", "."): b for name, b in pmod.named_buffers()}
     for name, _ in list(dense.named_parameters()):
-        _set_attribute(dense, name, parameters.pop(name), is_parameter=True)
+        set_module_tensor(dense, name, parameters.pop(name), is_parameter=True)
     for name, _ in list(dense.named_buffers()):
-        _set_attribute(dense, name, buffers[name], is_parameter=False)
+        set_module_tensor(dense, name, buffers[name], is_parameter=False)
     if parameters:
         raise RuntimeError(f"p-MoD parameters without a dense counterpart: {sorted(parameters)[:5]}")
 
 
-def _set_attribute(root: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: bool) -> None:
+def set_module_tensor(root: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: bool) -> None:
     owner_name, _, attribute = name.rpartition(".")
     owner = root.get_submodule(owner_name)
     if is_parameter:
@@ -200,6 +207,11 @@ class LlmInputs:
 
     def routing(self) -> dict:
         return {"mod_target_mask": self.target_mask, "token_counts": self.counts}
+
+    def model_kwargs(self, is_pmod: bool) -> dict:
+        """The LLM's inputs; p-MoD also takes its routing targets."""
+        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
+                **(self.routing() if is_pmod else {})}
 
 
 def llm_inputs(pair: ModelPair, batch: int, seed: int = 0, uneven: bool = False) -> LlmInputs:

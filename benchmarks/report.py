@@ -48,6 +48,14 @@ def _tower(tower: dict) -> str:
             f"{tower['num_layers']} layers")
 
 
+def _vision(shapes: dict) -> str:
+    """Our LLaVA presets run a vision tower; the transformers-native ones state what stands in for it."""
+    tokens = f"{shapes['n_text']} text + {shapes['n_vision']} vision tokens"
+    if shapes.get("tower") is None:
+        return f"{shapes['vision']}; {tokens}"
+    return f"vision tower {_tower(shapes['tower'])}; {tokens} ({shapes['n_tiles']} tile(s))"
+
+
 def markdown(result: dict) -> str:
     env, shapes = result["environment"], result["shapes"]
     lines = [
@@ -59,8 +67,7 @@ def markdown(result: dict) -> str:
          f"CPU threads {env['cpu_threads']}; warm-up {result['settings']['warmup']}, "
          f"median of {result['settings']['repeats']} repeats."),
         "",
-        (f"Shapes: LLM {_llm(shapes['llm'])}; vision tower {_tower(shapes['tower'])}; {shapes['n_text']} text + "
-         f"{shapes['n_vision']} vision tokens ({shapes['n_tiles']} tile(s)); p-MoD schedule {shapes['schedule']}, "
+        (f"Shapes: LLM {_llm(shapes['llm'])}; {_vision(shapes)}; p-MoD schedule {shapes['schedule']}, "
          f"beta {shapes['router_factor']} ({shapes['mod_layers']} p-MoD layers of {shapes['llm']['num_layers']})."),
         "",
     ]

@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick                                   # tiny shapes, CPU, a few seconds
     python -m benchmarks.run --preset small-llava-next --device cpu    # CPU, small shapes
     python -m benchmarks.run --preset llava-next-7b --device cuda --dtype bfloat16 --check-syncs
+    python -m benchmarks.run --quick --preset tiny-qwen2.5-vl          # transformers' Qwen2.5-VL via pmod.hf
 """
 
 from __future__ import annotations
@@ -21,15 +22,27 @@ PARTS = ("prefill", "full", "decode", "uneven", "train", "kv", "layer", "attenti
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def parse_args(argv):
+def all_presets() -> dict:
+    """Our LLaVA class's presets and the transformers-native VLM presets (benchmarks.hf_models), by name."""
+    from benchmarks.hf_models import HF_PRESETS
     from benchmarks.models import PRESETS
 
+    return {**PRESETS, **HF_PRESETS}
+
+
+def parse_args(argv):
+    from benchmarks import hf_models
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny with --quick, else small-llava-next")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 3 repeats, 4 decode tokens")
+    parser.add_argument("--preset", choices=sorted(all_presets()),
+                        help="default: tiny with --quick, else small-llava-next")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 warm-up, 3 repeats, 4 decode tokens; the tiny preset unless --preset names another "
+                             "(e.g. tiny-qwen2.5-vl)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} (default: all the preset "
+                                        "supports)")
     parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 2; 1 with --quick)")
     parser.add_argument("--repeats", type=int, help="timed calls, median reported (default 5; 3 with --quick)")
     parser.add_argument("--decode-tokens", type=int, help="new tokens per decode run (default 32; 4 with --quick)")
@@ -42,6 +55,11 @@ def parse_args(argv):
     parser.add_argument("--json", type=Path, help="write the result as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the markdown report here")
     args = parser.parse_args(argv)
+    args.preset = args.preset or ("tiny" if args.quick else "small-llava-next")
+    native = args.preset in hf_models.HF_PRESETS
+    if native:
+        _refuse_unmeasured(parser, args)
+    args.parts = args.parts or ",".join(hf_models.PARTS if native else PARTS)
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
@@ -56,6 +74,32 @@ def parse_args(argv):
     return args
 
 
+def _refuse_unmeasured(parser, args) -> None:
+    """Refuse, with the reason, what a transformers-native preset does not measure."""
+    from benchmarks import hf_models
+
+    if args.check_syncs:
+        parser.error(f"--check-syncs: not for the transformers-native preset {args.preset} (the sync check hooks "
+                     "our LLaVA class's layer loop; pmod.hf runs the same p-MoD layer and session code)")
+    refused = [part for part in (args.parts or "").split(",") if part in hf_models.REFUSED_PARTS]
+    if refused:
+        reasons = "; ".join(f"{part}: {hf_models.REFUSED_PARTS[part]}" for part in refused)
+        parser.error(f"--parts {','.join(refused)}: not for the transformers-native preset {args.preset} ({reasons}). "
+                     f"It measures {','.join(hf_models.PARTS)}")
+
+
+def shapes(preset, pair) -> dict:
+    """The shapes the report states: LLM, vision tower or what stands in for it, tokens, schedule."""
+    from benchmarks.hf_models import HfPreset
+
+    common = {"llm": dataclasses.asdict(preset.llm), "n_text": preset.n_text, "n_vision": preset.n_vision,
+              "schedule": preset.schedule, "router_factor": preset.router_factor,
+              "mod_layers": len(pair.schedule.mod_layers)}
+    if isinstance(preset, HfPreset):
+        return {**common, "family": preset.family, "vision": preset.describe_vision()}
+    return {**common, "tower": dataclasses.asdict(preset.tower), "n_tiles": preset.n_tiles}
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # shapes come from built-in configs; never reach the hub
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -65,7 +109,8 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks import attention, layer_costs, report, suite, syncs
-    from benchmarks.models import PRESETS, build_pair
+    from benchmarks.hf_models import HF_PRESETS, build_hf_pair
+    from benchmarks.models import build_pair
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -74,7 +119,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--check-syncs needs --device cuda (sync debug mode is CUDA-only), got {device}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset or ("tiny" if args.quick else "small-llava-next")]
+    preset = all_presets()[args.preset]
+    native = args.preset in HF_PRESETS
     settings = suite.Settings(
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
         repeats=args.repeats or (3 if args.quick else 5),
@@ -83,18 +129,14 @@ def main(argv=None) -> int:
     )
     parts = set(args.parts.split(","))
     logger.info("building %s on %s in %s", preset.name, device, dtype)
-    pair = build_pair(preset, device, dtype)
-    schedule = pair.pmod.get_model().schedule
+    pair = (build_hf_pair if native else build_pair)(preset, device, dtype)
+    decode = suite.generate_decode if native else suite.decode
     result = {
         "command": "python -m benchmarks.run " + shlex.join(argv),
         "preset": preset.name,
         "environment": report.environment(device, dtype, torch.get_num_threads()),
         "settings": dataclasses.asdict(settings),
-        "shapes": {
-            "llm": dataclasses.asdict(preset.llm), "tower": dataclasses.asdict(preset.tower),
-            "n_text": preset.n_text, "n_vision": preset.n_vision, "n_tiles": preset.n_tiles,
-            "schedule": preset.schedule, "router_factor": preset.router_factor, "mod_layers": len(schedule.mod_layers),
-        },
+        "shapes": shapes(preset, pair),
         "model": [],
     }
     rows = result["model"]
@@ -107,11 +149,11 @@ def main(argv=None) -> int:
     if "decode" in parts:
         for batch in settings.decode_batches:
             logger.info("decode, batch %d", batch)
-            rows.extend(suite.decode(pair, settings, batch))
+            rows.extend(decode(pair, settings, batch))
     if "uneven" in parts:
         for batch in (b for b in settings.decode_batches if b > 1):
             logger.info("decode, batch %d, uneven rows", batch)
-            rows.extend(suite.decode(pair, settings, batch, uneven=True))
+            rows.extend(decode(pair, settings, batch, uneven=True))
     if "train" in parts:
         logger.info("training step")
         rows.extend(suite.training_step(pair, settings))

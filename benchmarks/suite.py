@@ -2,20 +2,27 @@
 
 Every measurement returns a :class:`Row` holding both models' figures, their ratio and what
 ``pmod.accounting`` predicts for that ratio, so a table can put prediction and measurement side by side.
+A pair (``benchmarks.models.ModelPair`` or ``benchmarks.hf_models.HfPair``) gives its inputs through
+``pair.inputs(batch)``, whose ``model_kwargs(is_pmod)`` both models take; decode is the one part that differs:
+our LLaVA class is stepped by hand (:func:`decode`), transformers' own classes run ``generate``
+(:func:`generate_decode`).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import StoppingCriteria
 from transformers.cache_utils import DynamicCache
 
-from benchmarks.models import LlmInputs, ModelPair, llm_inputs, pixel_inputs
-from benchmarks.timing import measure, peak_memory_bytes
+from benchmarks.models import ModelPair, pixel_inputs
+from benchmarks.timing import measure, peak_memory_bytes, synchronize
 from pmod.accounting import ModelShape, estimate
 from pmod.cache import PmodCache
-from pmod.hf_compat import output_cache, set_activation_checkpointing
+from pmod.hf_compat import cache_kwargs, output_cache, set_activation_checkpointing
 
 
 @dataclass(frozen=True)
@@ -50,26 +57,26 @@ class Row:
         return {**asdict(self), "ratio": self.ratio}
 
 
-def _models(pair: ModelPair):
+def _models(pair):
     return (("dense", pair.dense), ("pmod", pair.pmod))
 
 
-def _accounting(pair: ModelPair, **kwargs):
+def _accounting(pair, **kwargs):
     preset = pair.preset
-    schedule = pair.pmod.get_model().schedule
-    return estimate(ModelShape.from_config(pair.pmod.config), schedule, preset.n_text, preset.n_vision, **kwargs)
+    shape = ModelShape.from_config(pair.pmod.config)
+    return estimate(shape, pair.schedule, preset.n_text, preset.n_vision, **kwargs)
 
 
-def prefill_llm(pair: ModelPair, settings: Settings) -> Row:
-    """inputs_embeds (+ mod_target_mask for p-MoD) into the LLM, logits of the last position only."""
-    inputs = llm_inputs(pair, settings.prefill_batch)
+def prefill_llm(pair, settings: Settings) -> Row:
+    """The prompt into the LLM (embeddings, or ids with image placeholders), logits of the last position only."""
+    inputs = pair.inputs(settings.prefill_batch)
     times = {}
     for name, model in _models(pair):
-        routing = inputs.routing() if name == "pmod" else {}
+        kwargs = inputs.model_kwargs(name == "pmod")
 
-        def run(model=model, routing=routing):
+        def run(model=model, kwargs=kwargs):
             with torch.no_grad():
-                model(inputs_embeds=inputs.inputs_embeds, use_cache=False, logits_to_keep=1, **routing)
+                model(**kwargs, use_cache=False, logits_to_keep=1)
 
         times[name] = measure(run, pair.device, settings.warmup, settings.repeats).median_s * 1e3
     predicted = _accounting(pair, lm_head_tokens=1).flops_ratio
@@ -95,16 +102,15 @@ def prefill_full(pair: ModelPair, settings: Settings) -> Row:
 
 
 def new_cache(model, is_pmod: bool):
-    return PmodCache(config=model.config) if is_pmod else DynamicCache(config=model.config)
+    config = model.config.get_text_config()
+    return PmodCache(config=config) if is_pmod else DynamicCache(config=config)
 
 
-def prefill_with_cache(model, inputs: LlmInputs, is_pmod: bool):
+def prefill_with_cache(model, inputs, is_pmod: bool):
     """The prefill a generation starts with; returns (cache, first new token [B, 1])."""
     cache = new_cache(model, is_pmod)
-    routing = inputs.routing() if is_pmod else {}
     with torch.no_grad():
-        out = model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1, **routing)
+        out = model(**inputs.model_kwargs(is_pmod), **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -125,7 +131,7 @@ def decode(pair: ModelPair, settings: Settings, batch: int, uneven: bool = False
     ``uneven``: left-padded rows with different vision counts, so p-MoD layers keep different lengths per row
     and every decode step masks filler slots (batched evaluation's case).
     """
-    inputs = llm_inputs(pair, batch, uneven=uneven)
+    inputs = pair.inputs(batch, uneven=uneven)
     per_token = {}
     for name, model in _models(pair):
         state = {}
@@ -138,6 +144,45 @@ def decode(pair: ModelPair, settings: Settings, batch: int, uneven: bool = False
 
         timing = measure(run, pair.device, settings.warmup, settings.repeats, setup=setup)
         per_token[name] = timing.median_s / settings.decode_tokens
+    return _decode_rows(pair, batch, uneven, per_token)
+
+
+class StepClock(StoppingCriteria):
+    """Reads the clock (device synchronised) after every token ``generate`` makes; never stops it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_decode(pair, settings: Settings, batch: int, uneven: bool = False) -> list[Row]:
+    """Batched greedy ``generate`` (the p-MoD class starts its own PmodCache): per-token latency and tokens/s.
+
+    Each run makes ``decode_tokens + 1`` tokens; the time from the first (the prefill's) to the last is the
+    ``decode_tokens`` decode steps, with everything ``generate`` does around them.
+    """
+    inputs = pair.inputs(batch, uneven=uneven)
+    per_token = {}
+    for name, model in _models(pair):
+        kwargs = inputs.model_kwargs(name == "pmod")
+        samples = [_generated_seconds_per_token(model, kwargs, pair.device, settings.decode_tokens)
+                   for _ in range(settings.warmup + settings.repeats)]
+        per_token[name] = statistics.median(samples[settings.warmup:])
+    return _decode_rows(pair, batch, uneven, per_token)
+
+
+def _generated_seconds_per_token(model, kwargs: dict, device: torch.device, steps: int) -> float:
+    clock = StepClock(device)
+    model.generate(**kwargs, max_new_tokens=steps + 1, do_sample=False, stopping_criteria=[clock])
+    return (clock.times[-1] - clock.times[0]) / steps
+
+
+def _decode_rows(pair, batch: int, uneven: bool, per_token: dict) -> list[Row]:
     kv_ratio = _accounting(pair).kv_ratio
     label = "decode, uneven rows" if uneven else "decode"
     return [
@@ -148,18 +193,18 @@ def decode(pair: ModelPair, settings: Settings, batch: int, uneven: bool = False
     ]
 
 
-def training_step(pair: ModelPair, settings: Settings) -> list[Row]:
+def training_step(pair, settings: Settings) -> list[Row]:
     """Forward + backward with gradient checkpointing, loss on the text tokens; time and peak memory."""
-    inputs = llm_inputs(pair, settings.train_batch)
+    inputs = pair.inputs(settings.train_batch)
     times, peaks = {}, {}
     for name, model in _models(pair):
-        routing = inputs.routing() if name == "pmod" else {}
+        kwargs = inputs.model_kwargs(name == "pmod")
         model.train()
         set_activation_checkpointing(model, True)
 
-        def step(model=model, routing=routing):
+        def step(model=model, kwargs=kwargs):
             model.zero_grad(set_to_none=True)
-            out = model(inputs_embeds=inputs.inputs_embeds, labels=inputs.labels, use_cache=False, **routing)
+            out = model(**kwargs, labels=inputs.labels, use_cache=False)
             out.loss.backward()
 
         try:
@@ -185,14 +230,14 @@ def cache_bytes_per_layer(cache) -> list[int]:
             for layer in cache.layers]
 
 
-def predicted_cache_bytes_per_layer(pair: ModelPair, is_pmod: bool) -> list[int]:
+def predicted_cache_bytes_per_layer(pair, is_pmod: bool) -> list[int]:
     report = _accounting(pair, kv_dtype=str(pair.dtype).removeprefix("torch."))
     return [layer.kv_bytes for layer in (report.layers if is_pmod else report.dense_layers)]
 
 
-def kv_cache(pair: ModelPair) -> dict:
+def kv_cache(pair) -> dict:
     """KV bytes of the cache a batch-1 prefill returns, per layer, beside pmod.accounting's prediction."""
-    inputs = llm_inputs(pair, 1)
+    inputs = pair.inputs(1)
     result = {}
     for name, model in _models(pair):
         cache, _ = prefill_with_cache(model, inputs, name == "pmod")

@@ -1,5 +1,7 @@
 """Benchmark harness: the --quick CLI runs both models end to end, KV bytes equal pmod.accounting exactly,
-the layout comparison computes the same layer output, and the GPU sync check passes (and can fail).
+the layout comparison computes the same layer output, and the GPU sync check passes (and can fail). The
+transformers-native presets (Qwen2.5-VL, LLaVA-OneVision through pmod.hf) run the same way, their p-MoD KV
+cache follows the schedule, and they refuse the parts they do not measure.
 
 Timings are never asserted: they depend on the machine.
 """
@@ -171,3 +173,130 @@ def test_layer_loop_has_no_device_to_host_sync_at_prefill_and_uneven_decode():
                 inputs_embeds=torch.zeros(1, 8, 64, device="cuda", dtype=torch.bfloat16), use_cache=False))
     finally:
         handle.remove()
+
+
+# transformers-native VLMs (benchmarks.hf_models): Qwen2.5-VL and LLaVA-OneVision through pmod.hf.
+
+NATIVE_MEASUREMENTS = EXPECTED_MEASUREMENTS - {"prefill, whole model (pixels)"}
+# pmod.accounting's 7B prompts (64 text + 1024 / 3699 visual tokens) divided by the tiny presets' scale, 16.
+NATIVE_TINY = {"tiny-qwen2.5-vl": (4, 64), "tiny-llava-onevision": (4, 231)}
+
+
+@pytest.fixture(scope="module", params=sorted(NATIVE_TINY))
+def native_result(request, tmp_path_factory):
+    """One quick CLI run per tiny native preset, in process (``--threads`` as the test process has them)."""
+    import contextlib
+    import io
+
+    from benchmarks.run import main
+
+    out = tmp_path_factory.mktemp("native") / "result.json"
+    argv = ["--quick", "--preset", request.param, "--warmup", "0", "--repeats", "1", "--decode-tokens", "2",
+            "--decode-batches", "1,2", "--threads", str(torch.get_num_threads()), "--json", str(out)]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    return request.param, json.loads(out.read_text()), stdout.getvalue()
+
+
+def test_native_quick_run_measures_both_models(native_result):
+    name, result, stdout = native_result
+    rows = result["model"]
+    assert {row["measurement"] for row in rows} == NATIVE_MEASUREMENTS
+    assert {row["batch"] for row in rows if row["measurement"].startswith("decode, l")} == {1, 2}
+    for row in rows:
+        if row["measurement"] == "training step, peak memory":
+            continue  # peak RSS growth can be 0 or n/a on CPU
+        assert row["dense"] > 0 and row["pmod"] > 0, row
+    shapes = result["shapes"]
+    assert (shapes["n_text"], shapes["n_vision"]) == NATIVE_TINY[name]
+    assert shapes["mod_layers"] == 6 and "vision tower not run" in shapes["vision"]
+    assert "| measurement | batch | unit | dense | p-MoD | p-MoD / dense |" in stdout
+    assert "| prefill, LLM only | 1 | ms |" in stdout and f"### {name} on cpu" in stdout
+
+
+def expected_kept_tokens(n_text: int, n_vision: int, num_layers: int = 8) -> list[int]:
+    """shiftedcos_decay_0.85_0.15 at beta 0.5, from the paper's formula: f(l) = cos(pi l / (L-1)) / 2 + 0.5;
+    dense where f > 0.85, else keep trunc(float32(n) * float32(max(f, 0.15))) of the n visual tokens."""
+    import math
+
+    import numpy as np
+
+    kept = []
+    for layer in range(num_layers):
+        f = math.cos(math.pi * layer / (num_layers - 1)) / 2 + 0.5
+        vision = n_vision if f > 0.85 else int(np.float32(n_vision) * np.float32(max(f, 0.15)))
+        kept.append(n_text + vision)
+    return kept
+
+
+def test_native_pmod_kv_cache_follows_the_schedule(native_result):
+    name, result, _ = native_result
+    n_text, n_vision = NATIVE_TINY[name]
+    per_token = 2 * 2 * 16 * 4  # K and V, 2 KV heads x 16 dims, float32
+    expected = [tokens * per_token for tokens in expected_kept_tokens(n_text, n_vision)]
+    kv = result["kv_per_layer"]
+    assert kv["pmod"]["measured"] == expected and kv["pmod"]["predicted"] == expected
+    assert kv["dense"]["measured"] == [(n_text + n_vision) * per_token] * 8
+    measured = next(row for row in result["model"] if row["measurement"] == "KV cache after prefill, measured")
+    assert measured["pmod"] == pytest.approx(sum(expected) / 2**20)
+
+
+def test_native_presets_refuse_what_they_do_not_measure(capsys):
+    from benchmarks.hf_models import PARTS
+
+    assert parse_args(["--preset", "small-qwen2.5-vl"]).parts == ",".join(PARTS)
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "tiny-llava-onevision", "--parts", "prefill,full"])
+    assert "--parts full: not for the transformers-native preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "qwen2.5-vl-7b", "--check-syncs"])
+    assert "--check-syncs: not for the transformers-native preset" in capsys.readouterr().err
+
+
+def test_native_pair_shares_weights_and_has_random_routers():
+    from benchmarks.hf_models import HF_PRESETS, build_hf_pair
+
+    pair = build_hf_pair(HF_PRESETS["tiny-llava-onevision"], torch.device("cpu"), torch.float32)
+    dense_layers, pmod_layers = pair.dense.model.language_model.layers, pair.pmod.model.language_model.layers
+    index = pair.schedule.mod_layers[0]
+    assert pmod_layers[index].mlp.up_proj.weight is dense_layers[index].mlp.up_proj.weight
+    assert pair.pmod.lm_head.weight is pair.dense.lm_head.weight
+    routers = [pmod_layers[i].router.router.weight for i in pair.schedule.mod_layers]
+    assert all(w.abs().min() > 0 for w in routers) and not torch.equal(routers[0], routers[1])
+    assert not any(t.is_meta for t in [*pair.pmod.parameters(), *pair.pmod.buffers()])
+
+
+def test_native_prompts_hold_the_placeholders_and_qwen_positions_of_the_image_grid():
+    from benchmarks.hf_models import HF_PRESETS, build_hf_pair, vision_counts
+
+    pair = build_hf_pair(HF_PRESETS["tiny-qwen2.5-vl"], torch.device("cpu"), torch.float32)
+    config = pair.dense.config
+    inputs = pair.inputs(4, uneven=True)
+    counts = vision_counts(pair.preset, 4, uneven=True)
+    assert counts == [64, 56, 48, 40]  # whole rows of the 8 x 8 grid: 8 x 8, 7 x 8, 6 x 8, 5 x 8
+    placeholders = inputs.input_ids == config.image_token_id
+    assert placeholders.sum(1).tolist() == counts
+    assert inputs.attention_mask.sum(1).tolist() == [4 + n for n in counts]
+    assert (inputs.input_ids == config.vision_start_token_id).sum(1).tolist() == [1] * 4
+    assert inputs.extra["image_grid_thw"].tolist() == [[1, 16, 16], [1, 14, 16], [1, 12, 16], [1, 10, 16]]
+    assert (inputs.labels[placeholders] == -100).all()
+    # The image spans max(height, width) = 8 positions, not 64: generation continues 64 - 8 positions earlier.
+    full = pair.inputs(1)
+    _, deltas = pair.dense.model.get_rope_index(full.input_ids, **full.extra)
+    assert deltas.tolist() == [[8 - 64]]
+
+
+@pytest.mark.parametrize(("name", "n_vision"), [("qwen2.5-vl-7b", 1024), ("llava-onevision-7b", 3699)])
+def test_native_7b_presets_build_offline_at_qwen2_7b_shapes(name, n_vision):
+    """On the meta device: the decoder is Qwen2-7B and the prompt pmod.accounting's (64 text tokens)."""
+    from benchmarks.hf_models import HF_PRESETS, build_hf_pair
+
+    pair = build_hf_pair(HF_PRESETS[name], torch.device("meta"), torch.bfloat16)
+    text = pair.pmod.config.get_text_config()
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (3584, 18944, 28)
+    assert (text.num_key_value_heads, text.vocab_size) == (4, 152064)
+    assert (pair.preset.n_text, pair.preset.n_vision) == (64, n_vision)
+    assert len(pair.schedule.mod_layers) == 21 and pair.pmod.dtype == torch.bfloat16
+    llm_params = sum(p.numel() for n, p in pair.dense.named_parameters() if "language_model" in n or "lm_head" in n)
+    assert 7.5e9 < llm_params < 7.7e9
