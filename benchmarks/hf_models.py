@@ -41,7 +41,7 @@ from pmod.accounting import PRESETS as ACCOUNTING_PRESETS
 from pmod.accounting import ModelShape
 from pmod.hf import apply_pmod
 
-PARTS = ("prefill", "decode", "uneven", "train", "kv")
+PARTS = ("prefill", "decode", "uneven", "cache", "train", "kv")
 REFUSED_PARTS = {
     "full": "the vision tower here is a small random stand-in, so a whole-model time would not be the released "
             "model's",

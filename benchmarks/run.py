@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 logger = logging.getLogger("benchmarks")
-PARTS = ("prefill", "full", "decode", "uneven", "train", "kv", "layer", "attention")
+PARTS = ("prefill", "full", "decode", "uneven", "cache", "train", "kv", "layer", "attention")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -154,6 +154,10 @@ def main(argv=None) -> int:
         for batch in (b for b in settings.decode_batches if b > 1):
             logger.info("decode, batch %d, uneven rows", batch)
             rows.extend(decode(pair, settings, batch, uneven=True))
+    if "cache" in parts:
+        for batch in settings.decode_batches:
+            logger.info("decode, batch %d, concatenating cache", batch)
+            rows.extend(decode(pair, settings, batch, uneven=batch > 1, preallocate=False))
     if "train" in parts:
         logger.info("training step")
         rows.extend(suite.training_step(pair, settings))

@@ -101,14 +101,18 @@ def prefill_full(pair: ModelPair, settings: Settings) -> Row:
                predicted, "FLOPs")
 
 
-def new_cache(model, is_pmod: bool):
+def new_cache(model, is_pmod: bool, preallocate: bool = True):
+    """Both models' caches grow alike: preallocated buffers (a PmodCache without p-MoD layers for the dense
+    model), or transformers' concatenation (``preallocate=False``, the ``cache`` part's reference)."""
     config = model.config.get_text_config()
-    return PmodCache(config=config) if is_pmod else DynamicCache(config=config)
+    if is_pmod or preallocate:
+        return PmodCache(config=config, preallocate=preallocate)
+    return DynamicCache(config=config)
 
 
-def prefill_with_cache(model, inputs, is_pmod: bool):
+def prefill_with_cache(model, inputs, is_pmod: bool, preallocate: bool = True):
     """The prefill a generation starts with; returns (cache, first new token [B, 1])."""
-    cache = new_cache(model, is_pmod)
+    cache = new_cache(model, is_pmod, preallocate)
     with torch.no_grad():
         out = model(**inputs.model_kwargs(is_pmod), **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
@@ -125,11 +129,13 @@ def decode_steps(model, cache, token, attention_mask, steps: int) -> None:
             token = out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-def decode(pair: ModelPair, settings: Settings, batch: int, uneven: bool = False) -> list[Row]:
+def decode(pair: ModelPair, settings: Settings, batch: int, uneven: bool = False,
+           preallocate: bool = True) -> list[Row]:
     """Greedy decode of ``decode_tokens`` tokens after an (untimed) prefill; per-token latency and tokens/s.
 
     ``uneven``: left-padded rows with different vision counts, so p-MoD layers keep different lengths per row
-    and every decode step masks filler slots (batched evaluation's case).
+    and every decode step masks filler slots (batched evaluation's case). ``preallocate=False``: both models on
+    transformers' concatenating cache layers.
     """
     inputs = pair.inputs(batch, uneven=uneven)
     per_token = {}
@@ -137,14 +143,14 @@ def decode(pair: ModelPair, settings: Settings, batch: int, uneven: bool = False
         state = {}
 
         def setup(model=model, name=name, state=state):
-            state["cache"], state["token"] = prefill_with_cache(model, inputs, name == "pmod")
+            state["cache"], state["token"] = prefill_with_cache(model, inputs, name == "pmod", preallocate)
 
         def run(model=model, state=state):
             decode_steps(model, state["cache"], state["token"], inputs.attention_mask, settings.decode_tokens)
 
         timing = measure(run, pair.device, settings.warmup, settings.repeats, setup=setup)
         per_token[name] = timing.median_s / settings.decode_tokens
-    return _decode_rows(pair, batch, uneven, per_token)
+    return _decode_rows(pair, batch, uneven, per_token, preallocate)
 
 
 class StepClock(StoppingCriteria):
@@ -160,8 +166,9 @@ class StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_decode(pair, settings: Settings, batch: int, uneven: bool = False) -> list[Row]:
-    """Batched greedy ``generate`` (the p-MoD class starts its own PmodCache): per-token latency and tokens/s.
+def generate_decode(pair, settings: Settings, batch: int, uneven: bool = False,
+                    preallocate: bool = True) -> list[Row]:
+    """Batched greedy ``generate`` on a fresh cache per run (:func:`new_cache`): per-token latency and tokens/s.
 
     Each run makes ``decode_tokens + 1`` tokens; the time from the first (the prefill's) to the last is the
     ``decode_tokens`` decode steps, with everything ``generate`` does around them.
@@ -170,21 +177,23 @@ def generate_decode(pair, settings: Settings, batch: int, uneven: bool = False) 
     per_token = {}
     for name, model in _models(pair):
         kwargs = inputs.model_kwargs(name == "pmod")
-        samples = [_generated_seconds_per_token(model, kwargs, pair.device, settings.decode_tokens)
+        samples = [_generated_seconds_per_token(model, kwargs, new_cache(model, name == "pmod", preallocate),
+                                                pair.device, settings.decode_tokens)
                    for _ in range(settings.warmup + settings.repeats)]
         per_token[name] = statistics.median(samples[settings.warmup:])
-    return _decode_rows(pair, batch, uneven, per_token)
+    return _decode_rows(pair, batch, uneven, per_token, preallocate)
 
 
-def _generated_seconds_per_token(model, kwargs: dict, device: torch.device, steps: int) -> float:
+def _generated_seconds_per_token(model, kwargs: dict, cache, device: torch.device, steps: int) -> float:
     clock = StepClock(device)
-    model.generate(**kwargs, max_new_tokens=steps + 1, do_sample=False, stopping_criteria=[clock])
+    model.generate(**kwargs, **cache_kwargs(cache), max_new_tokens=steps + 1, do_sample=False,
+                   stopping_criteria=[clock])
     return (clock.times[-1] - clock.times[0]) / steps
 
 
-def _decode_rows(pair, batch: int, uneven: bool, per_token: dict) -> list[Row]:
+def _decode_rows(pair, batch: int, uneven: bool, per_token: dict, preallocate: bool = True) -> list[Row]:
     kv_ratio = _accounting(pair).kv_ratio
-    label = "decode, uneven rows" if uneven else "decode"
+    label = ("decode, uneven rows" if uneven else "decode") + ("" if preallocate else ", concatenating cache")
     return [
         Row(f"{label}, latency per token", batch, "ms", per_token["dense"] * 1e3, per_token["pmod"] * 1e3, kv_ratio,
             "KV bytes"),

@@ -22,6 +22,9 @@ from benchmarks.suite import kv_cache
 EXPECTED_MEASUREMENTS = {
     "prefill, LLM only", "prefill, whole model (pixels)", "decode, latency per token", "decode, throughput",
     "decode, uneven rows, latency per token", "decode, uneven rows, throughput",
+    "decode, concatenating cache, latency per token", "decode, concatenating cache, throughput",
+    "decode, uneven rows, concatenating cache, latency per token",
+    "decode, uneven rows, concatenating cache, throughput",
     "training step (fwd+bwd, grad ckpt)", "training step, peak memory", "KV cache after prefill, measured",
     "KV cache after prefill, pmod.accounting",
 }
@@ -87,6 +90,19 @@ def test_cache_bytes_equal_accounting_per_layer(dtype):
     per_token = 2 * 2 * 16 * dtype.itemsize
     assert kv["dense"]["measured"][7] == 104 * per_token
     assert kv["pmod"]["measured"][7] == 36 * per_token
+
+
+def test_both_models_decode_on_the_same_kind_of_cache():
+    from benchmarks.suite import new_cache
+    from pmod.cache import CompactLayer, GrowableLayer
+
+    pair = build_pair(PRESETS["tiny"], torch.device("cpu"), torch.float32)
+    assert {type(layer) for layer in new_cache(pair.dense, False).layers} == {GrowableLayer}
+    assert {type(layer) for layer in new_cache(pair.pmod, True).layers} == {GrowableLayer, CompactLayer}
+    assert {type(layer).__name__ for layer in new_cache(pair.dense, False, preallocate=False).layers} == \
+        {"DynamicLayer"}
+    assert {type(layer).__name__ for layer in new_cache(pair.pmod, True, preallocate=False).layers} == \
+        {"DynamicLayer", "ConcatenatingCompactLayer"}
 
 
 def test_dense_twin_shares_the_pmod_weights():
