@@ -8,7 +8,7 @@ from PIL import Image
 
 pytest.importorskip("lmms_eval")
 
-from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_requests import GREEDY, generate, mixed_requests, request, two_tasks, visual  # noqa: E402
 
 from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
 from llava.eval.lmms_adapter import PmodLlava  # noqa: E402
@@ -19,7 +19,6 @@ from pmod.accounting import ModelShape, estimate  # noqa: E402
 from pmod.schedule import schedule_from_config  # noqa: E402
 
 pytestmark = pytest.mark.compat
-GREEDY = {"max_new_tokens": 4, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
 VARIANTS = {"dense_pad": (False, "pad"), "pmod_pad": (True, "pad"), "pmod_anyres": (True, "anyres")}
 
 
@@ -40,38 +39,17 @@ def _images(count, offset):
             for i in range(count)]
 
 
-TASK_DICT = {"ci_a": {"test": [{"image": image} for image in _images(4, 0)]},
-             "ci_b": {"val": [{"image": image} for image in _images(4, 120)]}}
-
-
-def _visual(doc):
-    return [doc["image"]]
-
-
-def _request(kind, args):
-    return Instance(kind, args, idx=0, metadata={"task": args[4], "doc_id": args[3], "repeats": 1})
-
-
-def _mixed_requests(gen_kwargs=GREEDY):
-    """Two tasks, same kwargs, interleaved, prompts of different lengths: one chunk mixes tasks and splits."""
-    requests = []
-    for doc_id in range(4):
-        requests.append(_request("generate_until", ("Describe" + " it" * doc_id + ".", dict(gen_kwargs), _visual,
-                                                    doc_id, "ci_a", "test")))
-        requests.append(_request("generate_until", ("What color?", dict(gen_kwargs), _visual, doc_id, "ci_b", "val")))
-    return requests
+TASK_DICT = two_tasks(_images(4, 0), _images(4, 120))
 
 
 def _generate(lm, requests, batch_size):
-    lm.batch_size_per_gpu = batch_size
-    lm.task_dict = TASK_DICT
-    return [result.text for result in lm.generate_until(requests)]
+    return generate(lm, requests, batch_size, TASK_DICT)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_batch_size_three_gives_the_answers_of_batch_size_one(adapters, variant):
     lm = adapters[variant]
-    requests = _mixed_requests()
+    requests = mixed_requests()
     single = _generate(lm, requests, 1)
     batched = _generate(lm, requests, 3)
     assert batched == single
@@ -81,21 +59,21 @@ def test_batch_size_three_gives_the_answers_of_batch_size_one(adapters, variant)
 
 def test_each_answer_is_the_answer_to_its_own_request_alone(adapters):
     lm = adapters["pmod_pad"]
-    requests = _mixed_requests()
+    requests = mixed_requests()
     batched = _generate(lm, requests, 3)
     alone = [_generate(lm, [request], 1)[0] for request in requests[3:6]]
     assert batched[3:6] == alone
 
 
-def _no_visual(doc):
+def _novisual(doc):
     return []
 
 
 def test_text_only_requests_answer_like_plain_generate(adapters):
     lm = adapters["pmod_pad"]
-    text_requests = [_request("generate_until", (f"Count to {n}.", dict(GREEDY), _no_visual, n, "ci_a", "test"))
+    text_requests = [request("generate_until", (f"Count to {n}.", dict(GREEDY), _novisual, n, "ci_a", "test"))
                      for n in range(3)]
-    mixed = _mixed_requests()[:3] + text_requests
+    mixed = mixed_requests()[:3] + text_requests
     single = _generate(lm, mixed, 1)
     assert _generate(lm, mixed, 3) == single
     ids = torch.tensor([tokenizer_image_token(build_prompt("Count to 2.", 0, lm.conv_template), lm.tokenizer)])
@@ -107,10 +85,10 @@ def test_text_only_requests_answer_like_plain_generate(adapters):
 
 def test_until_stop_strings_are_applied(adapters):
     lm = adapters["dense_pad"]
-    free = _generate(lm, _mixed_requests({"max_new_tokens": 6, "temperature": 0})[:1], 1)[0]
+    free = _generate(lm, mixed_requests({"max_new_tokens": 6, "temperature": 0})[:1], 1)[0]
     assert len(free) >= 4
     stop = free[2:4]
-    stopped = _generate(lm, _mixed_requests({"max_new_tokens": 6, "temperature": 0, "until": [stop]})[:1], 1)[0]
+    stopped = _generate(lm, mixed_requests({"max_new_tokens": 6, "temperature": 0, "until": [stop]})[:1], 1)[0]
     assert stopped == free[: free.find(stop)]
 
 
@@ -137,8 +115,8 @@ def test_loglikelihood_is_the_log_probability_of_a_direct_forward(adapters, vari
     greedy_text = lm.tokenizer.decode([greedy_token])
     assert lm._split_continuation(context, greedy_text, 1)[1] == [greedy_token]
 
-    requests = [_request("loglikelihood", (context, continuation, _visual, 1, "ci_a", "test")),
-                _request("loglikelihood", (context, greedy_text, _visual, 1, "ci_a", "test"))]
+    requests = [request("loglikelihood", (context, continuation, visual, 1, "ci_a", "test")),
+                request("loglikelihood", (context, greedy_text, visual, 1, "ci_a", "test"))]
     (logprob, is_greedy), (greedy_logprob, greedy_flag) = lm.loglikelihood(requests)
     assert logprob == pytest.approx(expected, abs=1e-4)
     assert logprob < 0 and not is_greedy
@@ -147,10 +125,10 @@ def test_loglikelihood_is_the_log_probability_of_a_direct_forward(adapters, vari
 
 def test_clean_keeps_the_model_usable(adapters):
     lm = adapters["pmod_pad"]
-    before = _generate(lm, _mixed_requests()[:2], 1)
+    before = _generate(lm, mixed_requests()[:2], 1)
     lm.clean()
     assert isinstance(lm.model, torch.nn.Module)
-    assert _generate(lm, _mixed_requests()[:2], 1) == before
+    assert _generate(lm, mixed_requests()[:2], 1) == before
 
 
 def test_built_model_gives_the_same_answers_as_the_checkpoint(adapters):
@@ -158,7 +136,7 @@ def test_built_model_gives_the_same_answers_as_the_checkpoint(adapters):
     built = PmodLlava(model=loaded.model, tokenizer=loaded.tokenizer, image_processor=loaded._image_processor,
                       batch_size=2)
     assert built.device == torch.device("cpu") and built.rank == 0 and built.world_size == 1
-    requests = _mixed_requests()
+    requests = mixed_requests()
     reference = _generate(loaded, requests, 1)
     loaded.model.train()  # as during training: answered in eval mode, handed back in train mode
     try:
@@ -172,8 +150,8 @@ def test_built_model_gives_the_same_answers_as_the_checkpoint(adapters):
 def test_efficiency_records_follow_schedule_and_accounting(checkpoints, tmp_path, variant):
     lm = PmodLlava(pretrained=checkpoints[variant], device="cpu", batch_size=3, log_efficiency=True,
                    efficiency_dir=str(tmp_path))
-    requests = _mixed_requests()
-    padding = _request("generate_until", requests[-1].args)
+    requests = mixed_requests()
+    padding = request("generate_until", requests[-1].args)
     padding.metadata["__padding_only__"] = True  # what lmms-eval adds to even out ranks
     _generate(lm, requests + [padding], 3)
     lm.clean()
@@ -229,8 +207,8 @@ def test_the_builtin_llava_models_arguments_work(checkpoints, tmp_path):
                    customized_config=str(overrides), tie_weights="True", use_cache="True", truncation="True",
                    truncate_context="False", attn_implementation="sdpa")
     assert lm.device.type == "cpu" and lm.model.config.tokenizer_model_max_length == 3000
-    assert _generate(lm, _mixed_requests()[:2], 1) == _generate(PmodLlava(pretrained=checkpoints["pmod_pad"],
-                                                                          device="cpu"), _mixed_requests()[:2], 1)
+    assert _generate(lm, mixed_requests()[:2], 1) == _generate(PmodLlava(pretrained=checkpoints["pmod_pad"],
+                                                                          device="cpu"), mixed_requests()[:2], 1)
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="customized_config=.*JSON object"):

@@ -11,7 +11,7 @@ from PIL import Image
 
 pytest.importorskip("lmms_eval")
 
-from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_requests import GREEDY, generate, mixed_requests, request, two_tasks, visual  # noqa: E402
 
 from llava.eval.lmms_hf_adapter import PmodHF  # noqa: E402
 from pmod.accounting import ModelShape, estimate  # noqa: E402
@@ -19,7 +19,6 @@ from pmod.hf import apply_pmod  # noqa: E402
 from pmod.schedule import schedule_from_config  # noqa: E402
 
 pytestmark = pytest.mark.compat
-GREEDY = {"max_new_tokens": 4, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
 FAMILIES = ("llava", "llava_onevision", "qwen2_5_vl")
 
 
@@ -28,31 +27,11 @@ def _images(count, offset):
             for i in range(count)]
 
 
-TASK_DICT = {"ci_a": {"test": [{"image": image} for image in _images(4, 0)]},
-             "ci_b": {"val": [{"image": image} for image in _images(4, 120)]}}
-
-
-def _visual(doc):
-    return [doc["image"]]
-
-
-def _request(kind, args):
-    return Instance(kind, args, idx=0, metadata={"task": args[4], "doc_id": args[3], "repeats": 1})
-
-
-def _mixed_requests():
-    requests = []
-    for doc_id in range(4):
-        requests.append(_request("generate_until", ("Describe" + " it" * doc_id + ".", dict(GREEDY), _visual, doc_id,
-                                                    "ci_a", "test")))
-        requests.append(_request("generate_until", ("What color?", dict(GREEDY), _visual, doc_id, "ci_b", "val")))
-    return requests
+TASK_DICT = two_tasks(_images(4, 0), _images(4, 120))
 
 
 def _generate(lm, requests, batch_size):
-    lm.batch_size_per_gpu = batch_size
-    lm.task_dict = TASK_DICT
-    return [result.text for result in lm.generate_until(requests)]
+    return generate(lm, requests, batch_size, TASK_DICT)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +54,7 @@ def adapters(checkpoints):
 def test_batch_size_three_gives_the_answers_of_batch_size_one(adapters, family):
     lm = adapters[(family, "pmod")]
     assert type(lm.model).__name__.startswith("Pmod")
-    requests = _mixed_requests()
+    requests = mixed_requests()
     single = _generate(lm, requests, 1)
     assert _generate(lm, requests, 3) == single
     assert single[0::2] != single[1::2], "each request must answer about its own task's image"
@@ -86,7 +65,7 @@ def test_an_answer_is_the_models_own_generate_on_the_processors_input(adapters, 
     lm = adapters[("qwen2_5_vl", variant)]
     lm.batch_size_per_gpu = 1
     lm.task_dict = TASK_DICT
-    answer = lm.generate_until([_request("generate_until", ("What color?", dict(GREEDY), _visual, 2, "ci_b",
+    answer = lm.generate_until([request("generate_until", ("What color?", dict(GREEDY), visual, 2, "ci_b",
                                                             "val"))])[0].text
     processor = lm._processor
     prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
@@ -105,7 +84,7 @@ def test_efficiency_records_read_the_kept_tokens_from_the_cache(checkpoints, fam
     for variant in ("dense", "pmod"):
         lm = PmodHF(pretrained=checkpoints[(family, variant)], device="cpu", batch_size="2", log_efficiency="True",
                     efficiency_dir=str(tmp_path / variant))
-        _generate(lm, _mixed_requests()[:4], 2)
+        _generate(lm, mixed_requests()[:4], 2)
         records[variant] = [json.loads(line) for line in (tmp_path / variant / "efficiency_rank0.jsonl")
                             .read_text().splitlines()]
     text_config = tiny_vlm(family).config.get_text_config()
@@ -126,7 +105,7 @@ def test_efficiency_records_read_the_kept_tokens_from_the_cache(checkpoints, fam
 def test_loglikelihood_is_the_log_probability_of_a_direct_forward(adapters):
     lm = adapters[("llava", "pmod")]
     lm.task_dict = TASK_DICT
-    [(logprob, greedy)] = lm.loglikelihood([_request("loglikelihood", ("What color?", " red", _visual, 1, "ci_a",
+    [(logprob, greedy)] = lm.loglikelihood([request("loglikelihood", ("What color?", " red", visual, 1, "ci_a",
                                                                       "test"))])
     processor = lm._processor
     prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
@@ -145,13 +124,13 @@ def test_loglikelihood_is_the_log_probability_of_a_direct_forward(adapters):
 
 def test_text_only_requests_and_a_built_model_work(adapters):
     lm = adapters[("qwen2_5_vl", "pmod")]
-    request = _request("generate_until", ("Name a color.", dict(GREEDY), None, 0, "ci_a", "test"))
+    text_only = request("generate_until", ("Name a color.", dict(GREEDY), None, 0, "ci_a", "test"))
     lm.task_dict = TASK_DICT
-    answer = lm.generate_until([request])[0].text
+    answer = lm.generate_until([text_only])[0].text
     built = PmodHF(model=lm.model, processor=lm._processor)
     built.task_dict = TASK_DICT
-    assert built.generate_until([request])[0].text == answer
-    assert _generate(built, _mixed_requests()[:2], 2) == _generate(lm, _mixed_requests()[:2], 2)
+    assert built.generate_until([text_only])[0].text == answer
+    assert _generate(built, mixed_requests()[:2], 2) == _generate(lm, mixed_requests()[:2], 2)
 
 
 def test_bad_model_arguments_are_named(checkpoints):
@@ -167,12 +146,12 @@ def test_bad_model_arguments_are_named(checkpoints):
         PmodHF(pretrained=checkpoints[("llava", "dense")], batch_size="auto")
 
 
-def test_max_pixels_bounds_the_qwen_visual_tokens(checkpoints, tmp_path):
+def test_max_pixels_bounds_the_qwenvisual_tokens(checkpoints, tmp_path):
     counts = {}
     for limit in (None, 4 * 28 * 28):
         lm = PmodHF(pretrained=checkpoints[("qwen2_5_vl", "pmod")], device="cpu", max_pixels=limit,
                     log_efficiency=True, efficiency_dir=str(tmp_path / str(limit)))
         lm.task_dict = {"big": {"test": [{"image": Image.new("RGB", (112, 112), (9, 99, 199))}]}}
-        lm.generate_until([_request("generate_until", ("What color?", dict(GREEDY), _visual, 0, "big", "test"))])
+        lm.generate_until([request("generate_until", ("What color?", dict(GREEDY), visual, 0, "big", "test"))])
         counts[limit] = lm.efficiency.records[0]["vision_tokens"]
     assert counts == {None: 16, 4 * 28 * 28: 4}

@@ -117,13 +117,19 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
 
-def parse_args(argv=None):
-    """Parse the three dataclasses; on a machine without CUDA, DeepSpeed runs need ``use_cpu`` (gloo)."""
+def parse_dataclasses(types: tuple, argv=None):
+    """Parse the flags into ``types``, with the installed release's trainer-flag names; on a machine without
+    CUDA, DeepSpeed runs need ``use_cpu`` (gloo)."""
     argv = current_trainer_flags(sys.argv[1:] if argv is None else argv)
     if "--deepspeed" in argv and "--use_cpu" not in argv and not torch.cuda.is_available():
         argv += ["--use_cpu", "True"]
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return transformers.HfArgumentParser(types).parse_args_into_dataclasses(args=argv)
+
+
+def parse_args(argv=None):
+    """Parse the three dataclasses (ModelArguments, DataArguments, TrainingArguments) and check them."""
+    model_args, data_args, training_args = parse_dataclasses((ModelArguments, DataArguments, TrainingArguments),
+                                                             argv)
     if model_args.mod_enabled and model_args.mod_target_token_type is None:
         model_args.mod_target_token_type = "vision_all"
     # What the data side reads besides its own flags; the image settings are filled in once the tower exists.

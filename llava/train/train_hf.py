@@ -11,7 +11,6 @@ the language model and the routers train (LoRA: adapters on the language model's
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -26,11 +25,11 @@ from llava.train.train import (
     compute_dtype_of,
     configure_reporting,
     find_resume_checkpoint,
+    parse_dataclasses,
     resolve_attn_implementation,
 )
 from pmod.hf import apply_pmod, has_pmod_settings, load_vlm, pmod_settings
 from pmod.hf.families import visual_token_ids
-from pmod.hf_compat import current_trainer_flags
 from pmod.schedule import parse_schedule
 from pmod.weight_norm import parse_weight_norm
 
@@ -58,11 +57,8 @@ class HFDataArguments:
 
 
 def parse_args(argv=None):
-    argv = current_trainer_flags(sys.argv[1:] if argv is None else argv)
-    if "--deepspeed" in argv and "--use_cpu" not in argv and not torch.cuda.is_available():
-        argv += ["--use_cpu", "True"]
-    parser = transformers.HfArgumentParser((HFModelArguments, HFDataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_dataclasses((HFModelArguments, HFDataArguments, TrainingArguments),
+                                                             argv)
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required")
     if not data_args.data_path:
