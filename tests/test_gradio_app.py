@@ -52,7 +52,7 @@ def test_kept_token_panel_follows_the_schedule(demo, shapes_picture):
     assert panel.kept == demo.schedule.keep_counts(panel.vision_tokens)
     assert len(panel.overlays) == demo.model.config.num_hidden_layers
     assert panel.overlays[0].size == panel.overlays[-1].size and panel.overlays[0].width == 448
-    dark = [sum(pixel < 80 for pixel in overlay.convert("L").getdata()) for overlay in panel.overlays]
+    dark = [sum(pixel < 80 for pixel in overlay.convert("L").tobytes()) for overlay in panel.overlays]
     assert dark[-1] > dark[0], "later layers skip more tokens, so more of the image is darkened"
     assert "TFLOPs" in panel.costs and "KV cache" in panel.costs and "dense" in panel.costs
 
