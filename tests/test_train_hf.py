@@ -83,6 +83,25 @@ def test_a_blank_image_row_changes_neither_loss_nor_gradients(family, tmp_path):
         torch.testing.assert_close(padded_grads[name], grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_vision_tower_is_frozen_and_projector_llm_and_routers_train(family, lora):
+    from types import SimpleNamespace
+
+    from llava.train.train_hf import configure_trainable
+
+    args = SimpleNamespace(lora_enable=lora, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="none")
+    model = configure_trainable(apply_pmod(tiny_vlm(family)), args)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    projector = "merger" if family == "qwen2_5_vl" else "multi_modal_projector"
+    tower = [name for name, _ in model.named_parameters()
+             if ("visual." in name or "vision_tower." in name) and projector not in name]
+    assert tower and not trainable & set(tower)
+    assert any(projector in name for name in trainable) and any(".router." in name for name in trainable)
+    language = [name for name in trainable if "language_model" in name and ".router." not in name]
+    assert language and all(("lora_" in name) == lora for name in language)
+
+
 def test_a_bad_sample_is_named(tmp_path):
     processor = tiny_processor("llava")
     (tmp_path / "data.json").write_text(json.dumps([{"id": "x", "image": "missing.png", "conversations": [

@@ -34,8 +34,18 @@ from pmod.schedule import parse_schedule
 from pmod.weight_norm import parse_weight_norm
 
 logger = logging.getLogger(__name__)
-VISION_MODULES = ("vision_tower", "visual")  # LLaVA families / Qwen-VL (its merger is the projector)
+VISION_MODULES = ("vision_tower", "visual")  # LLaVA families / Qwen-VL
+PROJECTORS = ("multi_modal_projector", "merger")  # Qwen-VL's projector (merger) sits inside its `visual` module
 NOT_LORA_TARGETS = ("vision_tower", "visual", "multi_modal_projector", "router", "lm_head")
+
+
+def _has_part(name: str, parts: tuple[str, ...]) -> bool:
+    return any(f".{part}." in f".{name}" for part in parts)
+
+
+def is_frozen(name: str) -> bool:
+    """Vision-tower parameters stay frozen; the projector, the language model and the routers train."""
+    return _has_part(name, VISION_MODULES) and not _has_part(name, PROJECTORS)
 
 
 @dataclass
@@ -104,7 +114,7 @@ def load_model(model_args: HFModelArguments, training_args: TrainingArguments, d
 def configure_trainable(model, training_args: TrainingArguments):
     """Freeze the vision tower; LoRA wraps the language model's linears (routers, projector train in full)."""
     for name, param in model.named_parameters():
-        param.requires_grad_(not any(f".{part}." in f".{name}" for part in VISION_MODULES))
+        param.requires_grad_(not is_frozen(name))
     model.config.use_cache = False
     if not training_args.lora_enable:
         return model
@@ -114,7 +124,7 @@ def configure_trainable(model, training_args: TrainingArguments):
                       lora_dropout=training_args.lora_dropout, bias=training_args.lora_bias, target_modules=targets)
     peft_model = get_peft_model(model, lora)
     for name, param in peft_model.named_parameters():
-        if ".router." in name or "multi_modal_projector" in name or ".merger." in name:
+        if _has_part(name, ("router",) + PROJECTORS):
             param.requires_grad_(True)
     return peft_model
 
