@@ -227,7 +227,7 @@ def test_loading_errors_name_the_folder_and_what_is_wrong(tmp_path, release):
     (hf_native / "config.json").write_text(json.dumps({
         "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "image_token_index": 32000,
         "text_config": {"model_type": "llama"}, "vision_config": {"model_type": "clip_vision_model"}}))
-    with pytest.raises(CheckpointConfigError, match="transformers-native LLaVA checkpoint"):
+    with pytest.raises(CheckpointConfigError, match="transformers-native LLaVA checkpoint.*use it through pmod.hf"):
         load_pretrained_model(str(hf_native))
 
     unknown = tmp_path / "unknown"

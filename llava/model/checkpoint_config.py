@@ -50,8 +50,9 @@ def load_checkpoint_config(path: str, **kwargs) -> PretrainedConfig:
     if model_type and model_type.startswith("llava"):
         raise CheckpointConfigError(
             f"{path}: model_type {model_type!r} with architectures {list(architectures)} is a transformers-native "
-            "LLaVA checkpoint (e.g. llava-hf), not one written by the LLaVA code; load it with transformers' own "
-            "classes (AutoModelForImageTextToText). Loadable here: model_type llava_llama or pmod_llava_llama, "
+            "LLaVA checkpoint (e.g. llava-hf), not one written by the LLaVA code; use it through pmod.hf "
+            "(pmod.hf.load_vlm / apply_pmod, python -m llava.train.train_hf, lmms-eval model pmod_hf: "
+            "docs/hf_models.md). Loadable here: model_type llava_llama or pmod_llava_llama, "
             "and LLaVA releases (model_type llava / llava_mistral with LlavaLlamaForCausalLM / "
             "LlavaMistralForCausalLM)"
         )
