@@ -170,3 +170,18 @@ def test_deepspeed_two_ranks_train_and_save_full_weights(zero_config, lora, port
     sample = Sample(text_before=[1, 20], text_after=[21, 22], image_sizes=((56, 84),))
     with torch.no_grad():
         assert torch.isfinite(model(**vlm_inputs(model, "qwen2_5_vl", [sample])).logits).all()
+
+
+def test_a_pmod_checkpoint_trains_as_saved_and_contradicting_flags_are_named(tmp_path):
+    from types import SimpleNamespace
+
+    from llava.train.train_hf import HFModelArguments, load_model
+
+    checkpoint = save_tiny_checkpoint("qwen2_5_vl", tmp_path / "pmod", model=apply_pmod(tiny_vlm("qwen2_5_vl")))
+    training = SimpleNamespace(attn_implementation="sdpa")
+    same = HFModelArguments(model_name_or_path=checkpoint, mod_target_layers="shiftedcos_decay_0.85_0.15")
+    assert type(load_model(same, training, torch.float32)).__name__ == "PmodQwen2_5_VLForConditionalGeneration"
+    other = HFModelArguments(model_name_or_path=checkpoint, mod_target_layers="shiftedcos_decay_0.85_0.15",
+                             mod_router_factor=0.4)
+    with pytest.raises(ValueError, match=r"--mod_router_factor 0.4 \(saved: 0.5\)"):
+        load_model(other, training, torch.float32)

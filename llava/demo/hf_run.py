@@ -82,7 +82,8 @@ def check_reload(checkpoint: Path) -> str:
             f"{pmod_settings(model)['mod_target_layers']}")
 
 
-def run_family(out: Path, family: str, scale: HFScale, data, task_folder: Path, seed: int) -> dict:
+def run_family(out: Path, family: str, scale: HFScale, scale_name: str, data, task_folder: Path,
+               seed: int) -> dict:
     stage_header(f"{family}: tiny checkpoint, dense and p-MoD fine-tuning (scripts/{SCRIPTS[family]})")
     (out / family / "logs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -96,11 +97,7 @@ def run_family(out: Path, family: str, scale: HFScale, data, task_folder: Path, 
         eval_dir, eval_seconds = evaluate(out / family, checkpoint, task_folder, scale, name)
         results.append(ModelResult(name, str(checkpoint), train_seconds, eval_seconds,
                                    **read_eval_run(eval_dir, data.eval_json)))
-    return build_report(results, f"{family}, {scale_name_of(scale)}", asdict(scale), timings, [])
-
-
-def scale_name_of(scale: HFScale) -> str:
-    return next((name for name, preset in HF_SCALES.items() if preset == scale), "custom")
+    return build_report(results, f"{family}, {scale_name}", asdict(scale), timings, [])
 
 
 def run_hf_demo(out: Path, scale_name: str, families=DEFAULT_FAMILIES, seed: int = 0, overrides=()) -> dict:
@@ -110,7 +107,7 @@ def run_hf_demo(out: Path, scale_name: str, families=DEFAULT_FAMILIES, seed: int
     (out / "logs").mkdir(parents=True, exist_ok=True)
     data = write_dataset(out / "data", scale.num_train, scale.num_eval, scale.image_size, seed)
     task_folder = write_task(out / "lmms_task", data.eval_json, data.image_folder)
-    reports = {family: run_family(out, family, scale, data, task_folder, seed) for family in families}
+    reports = {family: run_family(out, family, scale, scale_name, data, task_folder, seed) for family in families}
     markdown = "\n".join(report["markdown"] for report in reports.values())
     (out / "report.md").write_text(markdown)
     (out / "report.json").write_text(json.dumps({family: report["data"] for family, report in reports.items()},

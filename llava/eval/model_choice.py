@@ -7,6 +7,7 @@ released LLaVA / p-MoD ones). ``python -m llava.eval.model_choice CKPT`` prints 
 
 import json
 import sys
+from pathlib import Path
 
 from pmod.hf.families import PMOD_PREFIX, SUPPORTED_ARCHITECTURES
 
@@ -17,7 +18,7 @@ def lmms_model_for(checkpoint: str) -> str:
 
     try:
         config_file = cached_file(checkpoint, "config.json")
-        architectures = json.loads(open(config_file, encoding="utf-8").read()).get("architectures") or []
+        architectures = json.loads(Path(config_file).read_text(encoding="utf-8")).get("architectures") or []
     except (OSError, ValueError):
         return "pmod_llava"  # the loader reports an unreadable checkpoint with its own, precise error
     if any(name.removeprefix(PMOD_PREFIX) in SUPPORTED_ARCHITECTURES for name in architectures):

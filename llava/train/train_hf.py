@@ -31,6 +31,7 @@ from llava.train.train import (
 from pmod.hf import apply_pmod, has_pmod_settings, load_vlm, pmod_settings
 from pmod.hf.families import visual_token_ids
 from pmod.schedule import parse_schedule
+from pmod.settings import MOD_CONFIG_KEYS
 from pmod.weight_norm import parse_weight_norm
 
 logger = logging.getLogger(__name__)
@@ -81,10 +82,8 @@ def parse_args(argv=None):
 
 
 def flag_settings(model_args: HFModelArguments) -> dict:
-    """The ``mod_*`` settings the flags ask for, as a saved config holds them."""
-    return dict(mod_target_layers=model_args.mod_target_layers, mod_router_factor=model_args.mod_router_factor,
-                mod_weight_norm=model_args.mod_weight_norm, mod_bias_enabled=model_args.mod_bias_enabled,
-                mod_target_token_type=model_args.mod_target_token_type)
+    """The ``mod_*`` settings the flags ask for, as a saved config holds them (the init flag aside)."""
+    return {key: getattr(model_args, key) for key in MOD_CONFIG_KEYS if key != "mod_special_init"}
 
 
 def load_model(model_args: HFModelArguments, training_args: TrainingArguments, dtype: torch.dtype):
