@@ -38,6 +38,17 @@ def gathered(params, modify: bool = False):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None)
 
 
+def end_distributed(trainer: Trainer) -> None:
+    """Every rank waits for the checkpoint writers, then the process group closes.
+
+    A rank that exits with its gloo/NCCL group still open can abort in C++ teardown ("terminate called
+    without an active exception") while another rank is still writing, which fails the whole launch.
+    """
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def gather_named_tensors(named_params) -> dict[str, torch.Tensor]:
     """Full CPU copies of the given parameters, gathering ZeRO-3 shards; every rank must call this."""
     named_params = list(named_params)

@@ -31,6 +31,7 @@ from llava.train.dataset import make_supervised_data_module
 from llava.train.llava_trainer import (
     NON_LORA_FILE,
     LLaVATrainer,
+    end_distributed,
     gathered,
     is_peft_model,
     load_partial_state,
@@ -445,6 +446,7 @@ def train(argv=None) -> None:
     trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
     trainer.save_state()
     save_final(trainer, training_args, tokenizer)
+    end_distributed(trainer)
 
 
 if __name__ == "__main__":

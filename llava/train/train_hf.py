@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoProcessor
 
 from llava.train.hf_data import ChatCollator, ChatDataset
-from llava.train.llava_trainer import LLaVATrainer, gathered, is_peft_model
+from llava.train.llava_trainer import LLaVATrainer, end_distributed, gathered, is_peft_model
 from llava.train.train import (
     TrainingArguments,
     compute_dtype_of,
@@ -165,7 +165,7 @@ def train(argv=None) -> None:
     trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
     trainer.save_state()
     save_final(trainer, processor, training_args)
-    trainer.accelerator.wait_for_everyone()  # no rank leaves while another still writes the checkpoint
+    end_distributed(trainer)
 
 
 if __name__ == "__main__":
