@@ -16,7 +16,13 @@ Conventions (see ``docs`` for the comparison with the paper):
   non-causal attention, patch embedding as a matmul); LLaVA takes layer -2 but the whole tower runs. The
   projector is ``mlp2x_gelu`` (1024 -> hidden -> hidden) over the 576 patch tokens of every tile.
 
-Command line: ``python -m pmod.accounting --preset llava-next-7b --beta 0.5`` or
+* A training-free reducer (``pmod.reducers``: FastV, PyramidDrop, random, uniform) is costed the same way from
+  its per-layer keep counts, with no router; FastV and PyramidDrop add their score row at each scoring layer
+  (a key projection over the layer's whole input, one query projection and one row of scores), which is what
+  our implementation computes. ``Report.mean_vision_tokens`` is the field's layer-averaged token count T_avg.
+
+Command line: ``python -m pmod.accounting --preset llava-next-7b --beta 0.5``,
+``python -m pmod.accounting --preset llava-1.5-7b --reducer fastv_k2_keep0.25`` or
 ``python -m pmod.accounting --config path/to/config.json --n-vision N --n-text T``.
 """
 
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from pmod.reducers import ReducerSpec, parse_reducer
 from pmod.schedule import RetentionSchedule, parse_schedule, schedule_from_config
 
 DEFAULT_SCHEDULE = "shiftedcos_decay_0.85_0.15"
@@ -103,10 +110,11 @@ class LayerCost:
     attention_flops: int
     router_flops: int
     kv_bytes: int
+    score_flops: int = 0  # a reducer's attention-score row computed at this layer
 
     @property
     def flops(self) -> int:
-        return self.linear_flops + self.attention_flops + self.router_flops
+        return self.linear_flops + self.attention_flops + self.router_flops + self.score_flops
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,11 @@ class Report:
         if self.n_vision == 0:
             return 1.0
         return sum(layer.vision_tokens for layer in self.layers) / (self.n_vision * len(self.layers))
+
+    @property
+    def mean_vision_tokens(self) -> float:
+        """T_avg: vision tokens per layer averaged over the decoder layers (SparseVLM / VisionZip convention)."""
+        return sum(layer.vision_tokens for layer in self.layers) / len(self.layers)
 
     def table(self) -> str:
         """Per-layer tokens, GFLOPs and KV MiB, then totals."""
@@ -212,14 +225,20 @@ def estimate(
     vision: VisionTowerShape = CLIP_VIT_L_14_336,
     lm_head_tokens: int = 0,
     kv_dtype: str = "float16",
+    reducer: ReducerSpec | None = None,
 ) -> Report:
     """Costs of a batch-1 prefill with ``n_text`` text and ``n_vision`` vision tokens (schedule None = dense).
 
     ``n_tiles`` (vision tower and projector only) defaults to ``max(1, n_vision // 576)``, which is right for
     LLaVA-1.5 (1 tile) and for LLaVA-NeXT without unpadding (2880 tokens = 5 tiles); pass it for other layouts.
     ``lm_head_tokens`` is the number of positions whose logits are computed (0 to leave the head out; 1 for
-    generation, which needs only the last position).
+    generation, which needs only the last position). ``reducer`` (instead of a schedule) costs a training-free
+    reducer on the same dense model.
     """
+    if reducer is not None:
+        if schedule is not None:
+            raise ValueError("give a p-MoD schedule or a reducer, not both")
+        schedule = reducer.schedule(shape.num_layers)
     if n_text < 0 or n_vision < 0 or n_text + n_vision == 0:
         raise ValueError(f"need n_text >= 0, n_vision >= 0 and at least one token, got {n_text}, {n_vision}")
     if kv_dtype not in DTYPE_BYTES:
@@ -229,7 +248,7 @@ def estimate(
             f"the schedule has {schedule.num_layers} layers but the model has {shape.num_layers}"
         )
     bytes_per_value = DTYPE_BYTES[kv_dtype]
-    layers = _layer_costs(shape, schedule, n_text, n_vision, bytes_per_value)
+    layers = _layer_costs(shape, schedule, n_text, n_vision, bytes_per_value, reducer)
     dense_layers = _layer_costs(shape, None, n_text, n_vision, bytes_per_value)
     tower = projector = 0
     if include_vision_tower and n_vision:
@@ -247,7 +266,17 @@ def estimate(
     )
 
 
-def _layer_costs(shape, schedule, n_text, n_vision, bytes_per_value) -> tuple[LayerCost, ...]:
+def score_row_flops(shape: ModelShape, tokens: int) -> int:
+    """One query row's attention scores over ``tokens`` keys: key projection, one query projection, q.K^T."""
+    q_dim = shape.num_heads * shape.head_dim
+    kv_dim = shape.num_kv_heads * shape.head_dim
+    return 2 * tokens * shape.hidden_size * kv_dim + 2 * shape.hidden_size * q_dim + 2 * q_dim * tokens
+
+
+def _layer_costs(shape, schedule, n_text, n_vision, bytes_per_value, reducer=None) -> tuple[LayerCost, ...]:
+    score_layers = set()
+    if reducer is not None and reducer.uses_attention:
+        score_layers = {drop + reducer.score_layer_offset for drop in reducer.drop_layers}
     costs = []
     for layer in range(shape.num_layers):
         is_mod = schedule is not None and schedule.is_mod(layer)
@@ -261,8 +290,9 @@ def _layer_costs(shape, schedule, n_text, n_vision, bytes_per_value) -> tuple[La
                 tokens=tokens,
                 linear_flops=linear_flops(shape, tokens),
                 attention_flops=attention_flops(shape, tokens),
-                router_flops=2 * shape.hidden_size * (n_text + n_vision) if is_mod else 0,
+                router_flops=2 * shape.hidden_size * (n_text + n_vision) if is_mod and reducer is None else 0,
                 kv_bytes=2 * tokens * shape.num_kv_heads * shape.head_dim * bytes_per_value,
+                score_flops=score_row_flops(shape, n_text + n_vision) if layer in score_layers else 0,
             )
         )
     return tuple(costs)
@@ -317,6 +347,8 @@ def _parse_args(argv):
     source.add_argument("--config", type=Path, help="a model config.json (dense LLaVA or p-MoD)")
     parser.add_argument("--beta", type=float, help="--mod_router_factor (default: the config's, or 0.5)")
     parser.add_argument("--schedule", help=f"--mod_target_layers (default: the config's, or {DEFAULT_SCHEDULE})")
+    parser.add_argument("--reducer", help="a training-free reducer on the dense model instead of p-MoD, e.g. "
+                                          "fastv_k2_keep0.25 (see pmod.reducers)")
     parser.add_argument("--n-vision", type=int, help="vision tokens (MoD targets)")
     parser.add_argument("--n-text", type=int, help="text tokens")
     parser.add_argument("--n-tiles", type=int, help="vision-tower tiles (default: n_vision // 576)")
@@ -350,18 +382,29 @@ def main(argv=None) -> int:
     if args.include_vision_tower and preset is not None and not preset.clip_tower:
         raise SystemExit(f"--include-vision-tower models CLIP ViT-L/14-336 only; {args.preset} has another tower "
                          "(its LLM figures are exact)")
-    schedule, beta = _schedule_for(args, config, shape)
+    reducer = None
+    if args.reducer:
+        if args.beta is not None or args.schedule is not None:
+            raise SystemExit("--reducer costs the dense model with a reducer: leave out --beta and --schedule")
+        try:
+            reducer = parse_reducer(args.reducer)
+        except ValueError as error:
+            raise SystemExit(f"--reducer: {error}") from None
+        schedule, beta = None, None
+    else:
+        schedule, beta = _schedule_for(args, config, shape)
     report = estimate(shape, schedule, n_text, n_vision, args.include_vision_tower, n_tiles=n_tiles,
-                      lm_head_tokens=args.lm_head_tokens, kv_dtype=args.kv_dtype)
-    print(_summary(report, preset, beta, args))
+                      lm_head_tokens=args.lm_head_tokens, kv_dtype=args.kv_dtype, reducer=reducer)
+    print(_summary(report, preset, beta, args, reducer))
     if args.per_layer:
         print(report.table())
     return 0
 
 
-def _summary(report: Report, preset: Preset | None, beta: float | None, args) -> str:
+def _summary(report: Report, preset: Preset | None, beta: float | None, args, reducer=None) -> str:
     paper_dense = paper_pmod = paper_kv = None
-    if preset is not None and not args.include_vision_tower and args.lm_head_tokens == 0:
+    method = reducer.name if reducer is not None else "p-MoD"
+    if preset is not None and not args.include_vision_tower and args.lm_head_tokens == 0 and reducer is None:
         paper_dense, paper_pmod, paper_kv = (
             preset.paper_dense_tflops, preset.paper_pmod_tflops.get(beta), preset.paper_kv.get(beta)
         )
@@ -372,16 +415,19 @@ def _summary(report: Report, preset: Preset | None, beta: float | None, args) ->
     paper_ratio = paper_pmod / paper_dense if paper_pmod is not None else None
     what = f"{report.n_text} text + {report.n_vision} vision tokens"
     lines = [
-        f"{args.preset or args.config}: {what}, beta {beta}, KV in {args.kv_dtype}",
+        f"{args.preset or args.config}: {what}, {method if reducer else f'beta {beta}'}, KV in {args.kv_dtype}",
         f"{'':<26}{'ours':>10}{'paper':>10}",
         f"{'dense TFLOPs':<26}{report.dense_total_flops / 1e12:>10.2f}{paper(paper_dense, '.2f'):>10}",
-        f"{'p-MoD TFLOPs':<26}{report.total_flops / 1e12:>10.2f}{paper(paper_pmod, '.2f'):>10}",
-        f"{'p-MoD / dense FLOPs':<26}{report.flops_ratio:>10.3f}{paper(paper_ratio, '.3f'):>10}",
+        f"{'reduced TFLOPs' if reducer else 'p-MoD TFLOPs':<26}{report.total_flops / 1e12:>10.2f}"
+        f"{paper(paper_pmod, '.2f'):>10}",
+        f"{'reduced / dense FLOPs' if reducer else 'p-MoD / dense FLOPs':<26}{report.flops_ratio:>10.3f}"
+        f"{paper(paper_ratio, '.3f'):>10}",
         f"{'KV cache, vision tokens':<26}{report.vision_kv_ratio:>10.4f}{paper(paper_kv, '.3f'):>10}",
         f"{'KV cache, all tokens':<26}{report.kv_ratio:>10.4f}{'-':>10}",
+        f"{'vision tokens, layer mean':<26}{report.mean_vision_tokens:>10.1f}{'-':>10}",
         f"KV cache {report.kv_bytes / 2**20:.1f} MiB (dense {report.dense_kv_bytes / 2**20:.1f} MiB)",
     ]
-    if preset is not None and paper_dense is None:
+    if preset is not None and paper_dense is None and reducer is None:
         lines.append("paper figures are shown only for their convention: LLM prefill, no LM head, no vision tower")
     return "\n".join(lines)
 

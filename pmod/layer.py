@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from pmod.routing import LayerPlan, TokenRouter, gather_tokens, select_tokens
+from pmod.routing import LayerPlan, Selection, TokenRouter, gather_tokens, select_tokens
 from pmod.weight_norm import WeightNorm
 
 
@@ -36,6 +36,7 @@ class LayerRouting:
     target_mask: torch.Tensor  # [B, L] bool
     valid_mask: torch.Tensor  # [B, L] bool
     compact_attention_mask: torch.Tensor | None  # mask for the compact sequence, in the back-end's format
+    selection: Selection | None = None  # chosen by a training-free reducer (p-MoD layers choose their own)
 
 
 class PmodDecoderLayer(GradientCheckpointingLayer):
@@ -71,13 +72,22 @@ class PmodDecoderLayer(GradientCheckpointingLayer):
                               position_embeddings, use_cache, **kwargs)
 
 
-def routed_forward(layer: nn.Module, router: TokenRouter, weight_norm: WeightNorm, hidden_states: torch.Tensor,
-                   routing: LayerRouting, position_embeddings, use_cache: bool, **kwargs) -> torch.Tensor:
-    """One decoder layer on each sample's kept tokens, with STRing; ``layer`` is any Llama-family decoder layer
-    (its ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp`` are called)."""
-    logits = router(hidden_states)
-    weights = weight_norm(logits, routing.target_mask)
-    selection = select_tokens(logits, routing.target_mask, routing.valid_mask, routing.plan)
+def routed_forward(layer: nn.Module, router: TokenRouter | None, weight_norm: WeightNorm | None,
+                   hidden_states: torch.Tensor, routing: LayerRouting, position_embeddings, use_cache: bool,
+                   **kwargs) -> torch.Tensor:
+    """One decoder layer on each sample's kept tokens; ``layer`` is any Llama-family decoder layer (its
+    ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp`` are called).
+
+    With a router: p-MoD, the layer picks its tokens and reweights them (STRing). Without (``router`` None): a
+    training-free reducer, which takes ``routing.selection`` as chosen for it and leaves every weight at 1.
+    """
+    if router is None:
+        selection, mlp_scale = routing.selection, None
+    else:
+        logits = router(hidden_states)
+        weights = weight_norm(logits, routing.target_mask)
+        selection = select_tokens(logits, routing.target_mask, routing.valid_mask, routing.plan)
+        mlp_scale = torch.where(routing.target_mask, weights, weights.new_ones(())).to(hidden_states.dtype)
 
     compact = gather_tokens(hidden_states, selection.compact_index)
     cos, sin = position_embeddings
@@ -91,18 +101,17 @@ def routed_forward(layer: nn.Module, router: TokenRouter, weight_norm: WeightNor
     )
     residual = compact + attn_out
     mlp_out = layer.mlp(layer.post_attention_layernorm(residual))
-
-    dtype = hidden_states.dtype
-    one = weights.new_ones(())
-    mlp_scale = torch.where(routing.target_mask, weights, one).to(dtype)
-    compact_mlp_scale = gather_tokens(mlp_scale, selection.compact_index)
-    compact_out = residual + mlp_out * compact_mlp_scale.unsqueeze(-1)
+    if mlp_scale is None:
+        compact_out, skipped = residual + mlp_out, hidden_states
+    else:
+        compact_out = residual + mlp_out * gather_tokens(mlp_scale, selection.compact_index).unsqueeze(-1)
+        skipped = hidden_states * mlp_scale.unsqueeze(-1)
 
     processed = gather_tokens(compact_out, selection.full_to_compact)
-    skipped = hidden_states * mlp_scale.unsqueeze(-1)
     output = torch.where(selection.kept.unsqueeze(-1), processed, skipped)
     if finite_checks_enabled() and not torch.isfinite(output).all():
         raise FloatingPointError(
-            f"p-MoD layer {layer.self_attn.layer_idx} produced NaN/Inf (dtype {dtype}); try float32 or bfloat16"
+            f"p-MoD layer {layer.self_attn.layer_idx} produced NaN/Inf (dtype {hidden_states.dtype}); "
+            "try float32 or bfloat16"
         )
     return output

@@ -18,6 +18,8 @@ from pmod.cache import PmodCache
 from pmod.hf_compat import cache_kwargs
 from pmod.layer import LayerRouting
 from pmod.routing import LayerPlan, TokenCounts, build_layer_plans
+from pmod.reduction import TokenReduction
+from pmod.reducers import ReducerSpec
 from pmod.schedule import RetentionSchedule
 
 
@@ -78,7 +80,8 @@ class ForwardSession:
     """The routing plans and shared masks of one forward; layers ask it what to do."""
 
     def __init__(self, config, schedule: RetentionSchedule | None, cache, attention_mask: torch.Tensor | None,
-                 hidden: torch.Tensor, past_length: int, routing: RoutingInputs | None):
+                 hidden: torch.Tensor, past_length: int, routing: RoutingInputs | None,
+                 reducer: ReducerSpec | None = None):
         self.config = config
         self.cache = cache if isinstance(cache, PmodCache) else None
         self.attention_mask = attention_mask
@@ -91,6 +94,12 @@ class ForwardSession:
         self._like = hidden
         self._prefill_masks: dict[int, object] = {}  # by compact length (caches are empty at prefill)
         self._cached_masks: dict[tuple, object] = {}  # by kept-length pattern
+        self.reduction = TokenReduction(reducer, routing, self.plans) if reducer is not None and self.plans else None
+
+    def before_layer(self, index: int, layer, hidden: torch.Tensor, position_embeddings) -> None:
+        """Let a training-free reducer rank the tokens from this layer's input (a no-op for p-MoD)."""
+        if self.reduction is not None:
+            self.reduction.before_layer(index, layer, hidden, position_embeddings)
 
     def layer_routing(self, index: int) -> LayerRouting | None:
         """The routing of p-MoD layer ``index`` at a routed prefill (None: the layer is not routed now)."""
@@ -103,7 +112,8 @@ class ForwardSession:
                 attention_mask=None, position_ids=None, layer_idx=index, **cache_kwargs(self.cache),
             )
         mask = self._prefill_masks[plan.max_kept_length]
-        return LayerRouting(plan, self.routing.target_mask, self.routing.valid_mask, mask)
+        selection = self.reduction.selection if self.reduction is not None else None
+        return LayerRouting(plan, self.routing.target_mask, self.routing.valid_mask, mask, selection)
 
     def routed(self, index: int) -> None:
         """After routed layer ``index`` ran: its cache holds the compact layout the plan describes."""

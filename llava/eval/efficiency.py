@@ -4,7 +4,8 @@ Each generated sample gets one record (a json line in `efficiency_rank{R}.jsonl`
 `pmod.accounting.estimate` with the paper's convention (LLM prefill, batch 1, no LM head, no vision
 tower), for the sample's real token counts, beside the dense model on the same input. Kept vision
 tokens per layer are what the p-MoD model reports for its last routed forward (`last_routing_stats`),
-which equals the schedule's keep counts by construction; dense layers keep every vision token.
+which equals the schedule's keep counts by construction; dense layers keep every vision token. A dense
+model loaded with a training-free reducer (``reducer=...``) is costed as that reducer.
 """
 
 import glob
@@ -16,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from pmod.accounting import ModelShape, estimate
+from pmod.reducers import parse_reducer
 from pmod.schedule import schedule_from_config
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class EfficiencyLog:
 
     def __init__(self, config, output_dir: Optional[str], rank: int, dtype: Optional[torch.dtype] = None):
         self.shape = ModelShape.from_config(config)
+        reducer = getattr(config, "token_reducer", None)
+        self.reducer = parse_reducer(reducer) if reducer else None
         self.schedule = schedule_from_config(config)
         self.kv_dtype = _KV_DTYPES.get(dtype, "float16")
         self.records: List[Dict] = []
@@ -56,7 +60,8 @@ class EfficiencyLog:
     def record(self, *, task: str, split: str, doc_id: int, prompt_tokens: int, text_tokens: int,
                vision_tokens: int, kept_vision: Sequence[int], generated_tokens: int) -> Dict:
         """Cost one sample: `text_tokens` + `vision_tokens` are what the decoder saw at prefill."""
-        report = estimate(self.shape, self.schedule, text_tokens, vision_tokens, kv_dtype=self.kv_dtype)
+        report = estimate(self.shape, self.schedule, text_tokens, vision_tokens, kv_dtype=self.kv_dtype,
+                          reducer=self.reducer)
         entry = {
             "task": task, "split": split, "doc_id": doc_id,
             "prompt_tokens": prompt_tokens, "text_tokens": text_tokens, "vision_tokens": vision_tokens,

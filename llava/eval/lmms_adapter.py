@@ -49,7 +49,8 @@ class PmodLlava(BatchedModel):
     Model arguments (`--model_args k=v,...`): `pretrained` (checkpoint folder), `model_base`,
     `model_name`, `conv_template` (default vicuna_v1), `device`, `batch_size`, `attn_implementation`
     (default sdpa), `dtype` (auto, float16, bfloat16, float32), `log_efficiency` (write per-sample
-    efficiency records), `efficiency_dir` (where; default: kept in memory only).
+    efficiency records), `efficiency_dir` (where; default: kept in memory only), `reducer` (a training-free
+    vision-token reducer for a dense checkpoint, e.g. `fastv_k2_keep0.25`; see `pmod.reducers`).
     For evaluation during training pass `model`, `tokenizer` and `image_processor` instead of `pretrained`;
     the model is put in eval mode while answering and given back in the mode it had. `max_batch_size` is
     accepted (lmms-eval passes it) and ignored.
@@ -85,19 +86,23 @@ class PmodLlava(BatchedModel):
         use_cache: Any = True,
         truncation: Any = True,
         truncate_context: Any = False,
+        reducer: Optional[str] = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
         self._check_arguments(unknown, batch_size, use_cache)
         self.conv_template = str(conv_template)
 
+        if model is not None and reducer:
+            raise ValueError("pmod_llava: `reducer` applies at load (with pretrained=...); for a built model call "
+                             "llava.model.reduce.apply_reducer(model, spec) first")
         if model is not None:
             self._adopt_built_model(model, tokenizer, image_processor)
         elif pretrained is None:
             raise ValueError("pmod_llava: pass pretrained=<checkpoint folder> (or model/tokenizer/image_processor)")
         else:
             self._load(str(pretrained), model_base, model_name, device, attn_implementation, parse_dtype(dtype),
-                       device_map, _read_config_overrides(customized_config))
+                       device_map, _read_config_overrides(customized_config), reducer)
             if as_bool(tie_weights):
                 self._model.tie_weights()
 
@@ -107,14 +112,14 @@ class PmodLlava(BatchedModel):
                            if log_efficiency else None)
 
     def _load(self, pretrained, model_base, model_name, device, attn_implementation, dtype, device_map,
-              overwrite_config) -> None:
+              overwrite_config, reducer) -> None:
         from llava.model.builder import load_pretrained_model
 
         spread = self._place(device, device_map)
         self._tokenizer, model, self._image_processor, self._max_length = load_pretrained_model(
             pretrained, model_base, model_name, device=str(self._device), dtype=dtype,
             attn_implementation=attn_implementation, device_map="auto" if spread else None,
-            overwrite_config=overwrite_config)
+            overwrite_config=overwrite_config, reducer=reducer)
         self._model = (model if spread else model.to(self._device)).eval()
         if spread:
             self._device = model.device

@@ -14,6 +14,7 @@ from llava.model.llava_arch import load_projector_weights
 from llava.model.lora import is_lora_folder, load_lora_model, lora_base, lora_config
 from llava.model.multimodal_encoder.clip_encoder import resolve_tower_path
 from llava.model.quantization import bnb_config
+from llava.model.reduce import apply_reducer
 from llava.model.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def load_pretrained_model(
     attn_implementation: str = "sdpa",
     vision_tower_path: str | None = None,
     overwrite_config: dict | None = None,
+    reducer: str | None = None,
     **kwargs,
 ):
     """Return (tokenizer, model, image_processor, context_len) for a LLaVA / p-MoD / plain LLM checkpoint.
@@ -47,6 +49,8 @@ def load_pretrained_model(
     With ``model_base``, ``model_path`` is a stage-1 folder (config + ``mm_projector.bin``) or a LLaVA-style
     LoRA folder (``llava.model.lora``, merged on load) applied to the base LLM. ``vision_tower_path`` overrides the tower named in the config (e.g. a local copy of a hub tower);
     ``overwrite_config`` sets config values before the model is built (lmms-eval's ``customized_config``).
+    ``reducer`` (e.g. ``fastv_k2_keep0.25``, see ``pmod.reducers``) applies a training-free vision-token reducer
+    to a dense LLaVA checkpoint.
     ``load_8bit`` / ``load_4bit`` quantise the LLM's linear layers with bitsandbytes (CUDA only).
     """
     if load_8bit and load_4bit:
@@ -92,6 +96,8 @@ def load_pretrained_model(
     if device_map is None:
         model.to(device)
     model.eval()
+    if reducer:
+        model = apply_reducer(model, reducer)
 
     image_processor = None
     if model_class is not None:

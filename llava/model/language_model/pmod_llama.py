@@ -24,7 +24,8 @@ from llava.model.language_model.llava_llama import (
 from llava.model.llava_arch import MultimodalInputs
 from pmod.cache import PmodCache
 from pmod.hf_compat import cache_kwargs, one_cache
-from pmod.layer import PmodDecoderLayer
+from pmod.layer import PmodDecoderLayer, routed_forward
+from pmod.reducers import ReducerSpec
 from pmod.routing import TokenCounts, TokenRouter, zero_linear
 from pmod.schedule import RetentionSchedule
 from pmod.session import ForwardSession, check_mask_width, routing_inputs
@@ -57,6 +58,7 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
     def __init__(self, config):
         super().__init__(config)
         self.schedule: RetentionSchedule | None = None
+        self.reducer: ReducerSpec | None = None  # set by llava.model.reduce.apply_reducer on a dense model
         self.last_routing_stats: RoutingStats | None = None
         if getattr(config, "mod_target_layers", None) is not None:
             self._wrap_mod_layers()
@@ -122,12 +124,14 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         routing = None
         if mod_target_mask is not None and self.schedule is not None:
             routing = routing_inputs(cache, past_length, length, mod_target_mask, attention_mask, token_counts)
-        session = ForwardSession(self.config, self.schedule, cache, attention_mask, hidden, past_length, routing)
+        session = ForwardSession(self.config, self.schedule, cache, attention_mask, hidden, past_length, routing,
+                                 self.reducer)
         if session.plans:
             self.last_routing_stats = RoutingStats(
                 routing.counts.n_target, {i: plan.keep_counts for i, plan in session.plans.items()}
             )
-        dense_layer = next((i for i, layer in enumerate(self.layers) if not isinstance(layer, PmodDecoderLayer)), None)
+        routed_layers = set(self.schedule.mod_layers) if self.schedule is not None else set()
+        dense_layer = next((i for i in range(self.config.num_hidden_layers) if i not in routed_layers), None)
         dense_mask = None if dense_layer is None else create_causal_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
             layer_idx=dense_layer, **cache_kwargs(cache),
@@ -137,9 +141,14 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
         common = dict(position_embeddings=position_embeddings, position_ids=position_ids, use_cache=use_cache,
                       **cache_kwargs(cache), **kwargs)
         for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            session.before_layer(index, layer, hidden, position_embeddings)
             layer_routing = session.layer_routing(index)
             if layer_routing is not None:
-                hidden = layer(hidden, routing=layer_routing, **common)
+                if isinstance(layer, PmodDecoderLayer):
+                    hidden = layer(hidden, routing=layer_routing, **common)
+                else:  # a training-free reducer's layer: the session chose its tokens
+                    hidden = routed_forward(layer, None, None, hidden, layer_routing, position_embeddings, use_cache,
+                                            **cache_kwargs(cache), **kwargs)
                 session.routed(index)
             elif session.is_compact(index):
                 hidden = layer(hidden, attention_mask=session.compact_mask(index), **common)

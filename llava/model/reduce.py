@@ -1,0 +1,47 @@
+"""Training-free vision-token reduction (FastV, PyramidDrop, random, uniform) on a dense LLaVA model.
+
+``apply_reducer(model, "fastv_k2_keep0.25")`` turns a loaded dense LLaVA model, in place, into one that runs
+the p-MoD forward without routers: the reducer's layers process only the vision tokens it keeps (see
+``pmod.reducers``), generation keeps a compact KV cache for those layers, and ``last_routing_stats`` reports
+the kept tokens per layer, as for p-MoD. The weights and their names are untouched.
+"""
+
+from __future__ import annotations
+
+from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+from llava.model.language_model.pmod_llama import PmodLlavaLlamaForCausalLM, PmodLlavaLlamaModel
+from pmod.reducers import ReducerSpec, parse_reducer
+
+REDUCER_CONFIG_KEY = "token_reducer"
+
+
+class ReducedLlavaLlamaModel(PmodLlavaLlamaModel):
+    """A dense LLaVA decoder whose forward drops vision tokens by ``self.reducer``."""
+
+
+class ReducedLlavaLlamaForCausalLM(PmodLlavaLlamaForCausalLM):
+    """A dense LLaVA model with a training-free reducer; built only by :func:`apply_reducer`."""
+
+    def save_pretrained(self, *args, **kwargs):
+        raise NotImplementedError("a reducer is applied at load time (reducer=...), not saved: save the dense model")
+
+
+def apply_reducer(model: LlavaLlamaForCausalLM, spec: str | ReducerSpec) -> ReducedLlavaLlamaForCausalLM:
+    """Give a dense LLaVA model (``llava_llama``) the reducer ``spec``; returns the same object."""
+    spec = parse_reducer(spec) if isinstance(spec, str) else spec
+    if type(model) is not LlavaLlamaForCausalLM:
+        raise TypeError(
+            f"reducer {spec.name}: needs a dense LLaVA model (llava_llama), got {type(model).__name__}; p-MoD "
+            "checkpoints already drop tokens by their own routers"
+        )
+    config = model.config
+    schedule = spec.schedule(config.num_hidden_layers)
+    model.__class__ = ReducedLlavaLlamaForCausalLM
+    language_model = model.get_model()
+    language_model.__class__ = ReducedLlavaLlamaModel
+    language_model.schedule = schedule
+    language_model.reducer = spec
+    language_model.last_routing_stats = None
+    setattr(config, REDUCER_CONFIG_KEY, spec.name)
+    config.mod_target_layer_indices = list(schedule.mod_layers)  # the layers PmodCache keeps compact
+    return model
