@@ -45,8 +45,8 @@ class ReducerSpec:
     def __post_init__(self) -> None:
         if list(self.drop_layers) != sorted(set(self.drop_layers)):
             raise ValueError(f"reducer {self.method}: drop layers must increase, got {list(self.drop_layers)}")
-        if any(not 0.0 <= r <= 1.0 for r in self.stage_ratios):
-            raise ValueError(f"reducer {self.method}: kept shares must lie in [0, 1], got {list(self.stage_ratios)}")
+        if any(not 0.0 < r <= 1.0 for r in self.stage_ratios):
+            raise ValueError(f"reducer {self.method}: kept shares must lie in (0, 1], got {list(self.stage_ratios)}")
         if list(self.stage_ratios) != sorted(self.stage_ratios, reverse=True):
             raise ValueError(f"reducer {self.method}: a later stage cannot keep more tokens than an earlier one")
 
@@ -147,7 +147,7 @@ def mean_vision_tokens(spec: ReducerSpec, n_vision: int, num_layers: int) -> flo
 def fastv_for_budget(k: int, n_vision: int, num_layers: int, mean_tokens: float) -> ReducerSpec:
     """FastV with drop layer ``k`` whose T_avg is ``mean_tokens`` (the kept share rounded to 4 digits)."""
     keep = (mean_tokens * num_layers - k * n_vision) / ((num_layers - k) * n_vision)
-    if not 0.0 <= keep <= 1.0:
+    if not 0.0 < keep <= 1.0:
         raise ValueError(f"FastV with K={k} cannot average {mean_tokens} of {n_vision} vision tokens")
     return ReducerSpec("fastv", (k,), (_round_up(keep, n_vision),))
 
@@ -158,7 +158,7 @@ def pdrop_for_budget(layers: tuple[int, ...], n_vision: int, num_layers: int, me
         spec = ReducerSpec("pdrop", layers, tuple(lam ** (s + 1) for s in range(len(layers))))
         return mean_vision_tokens(spec, n_vision, num_layers)
 
-    low, high = 0.0, 1.0
+    low, high = 1e-6, 1.0
     if not average(low) <= mean_tokens <= average(high):
         raise ValueError(f"PyramidDrop at layers {list(layers)} cannot average {mean_tokens} of {n_vision} tokens")
     for _ in range(40):
@@ -174,13 +174,13 @@ def pre_llm_for_budget(method: str, n_vision: int, mean_tokens: float, seed: int
 
 
 def _round_up(share: float, n_vision: int) -> float:
-    """The shortest decimal share whose trunc(float32) keep count equals round(share * n)."""
-    target = round(share * n_vision)
-    for digits in range(2, 8):
-        candidate = round(share, digits)
+    """The shortest decimal share whose trunc(float32) keep count of ``n_vision`` is round(share * n)."""
+    target = max(1, round(share * n_vision))
+    for digits in range(2, 9):
+        candidate = math.ceil(target / n_vision * 10**digits) / 10**digits
         if keep_count(n_vision, candidate) == target:
             return candidate
-    return math.ceil(share * 10**8) / 10**8
+    raise ValueError(f"no decimal share keeps exactly {target} of {n_vision} tokens")
 
 
 def host_scores(spec: ReducerSpec, n_vision: tuple[int, ...], keep: tuple[int, ...]) -> torch.Tensor:
