@@ -43,7 +43,8 @@ def query_row_attention(layer: nn.Module, hidden_states: torch.Tensor, position_
     keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
     query_index = query_index[:, None]
     query = attention.q_proj(gather_tokens(normed, query_index)).view(batch, 1, -1, head_dim).transpose(1, 2)
-    query = query * gather_tokens(cos, query_index)[:, None] + rotate_half(query) * gather_tokens(sin, query_index)[:, None]
+    query_cos, query_sin = gather_tokens(cos, query_index)[:, None], gather_tokens(sin, query_index)[:, None]
+    query = query * query_cos + rotate_half(query) * query_sin
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
 
     logits = (query @ keys.transpose(-1, -2)).squeeze(2).float() * attention.scaling  # [B, H, L]

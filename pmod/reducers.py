@@ -173,6 +173,30 @@ def pre_llm_for_budget(method: str, n_vision: int, mean_tokens: float, seed: int
     return ReducerSpec(method, (0,), (_round_up(mean_tokens / n_vision, n_vision),), seed)
 
 
+def for_budget(family: str, share: float, n_vision: int, num_layers: int) -> ReducerSpec:
+    """The reducer of ``family`` whose T_avg is ``share`` of ``n_vision`` in a ``num_layers``-layer LLM.
+
+    ``family`` is a spec without its budget: ``fastv`` / ``fastv_k{K}`` (default K = max(1, L // 16): FastV's
+    K=2 on 32 layers), ``pdrop`` / ``pdrop_layers{..}`` (default L/16, L/4, L/2: 2-8-16 on 32 layers, the author's advice for
+    budgets under PyramidDrop's 8-16-24 floor of 25%, PyramidDrop issue #29),
+    ``random[_seed{s}]``, ``uniform``. A budget the family cannot reach is an error.
+    """
+    parts = family.split("_")
+    method, options = parts[0], dict(_PART.match(part).groups() for part in parts[1:] if _PART.match(part))
+    allowed = {"fastv": {"k"}, "pdrop": {"layers"}, "random": {"seed"}, "uniform": set()}.get(method)
+    if allowed is None or len(options) != len(parts) - 1 or not set(options) <= allowed:
+        raise ValueError(f"reducer family {family!r}: write fastv[_k{{K}}], pdrop[_layers{{l1-l2-..}}], "
+                         "random[_seed{s}] or uniform")
+    target = share * n_vision
+    if method == "fastv":
+        return fastv_for_budget(int(options.get("k", max(1, num_layers // 16))), n_vision, num_layers, target)
+    if method == "pdrop":
+        default = (max(1, num_layers // 16), max(2, num_layers // 4), max(3, num_layers // 2))
+        layers = tuple(int(v) for v in options["layers"].split("-")) if "layers" in options else default
+        return pdrop_for_budget(layers, n_vision, num_layers, target)
+    return pre_llm_for_budget(method, n_vision, target, int(options.get("seed", 0)))
+
+
 def _round_up(share: float, n_vision: int) -> float:
     """The shortest decimal share whose trunc(float32) keep count of ``n_vision`` is round(share * n)."""
     target = max(1, round(share * n_vision))

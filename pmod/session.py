@@ -17,9 +17,9 @@ from transformers.masking_utils import create_causal_mask
 from pmod.cache import PmodCache
 from pmod.hf_compat import cache_kwargs
 from pmod.layer import LayerRouting
-from pmod.routing import LayerPlan, TokenCounts, build_layer_plans
-from pmod.reduction import TokenReduction
 from pmod.reducers import ReducerSpec
+from pmod.reduction import TokenReduction
+from pmod.routing import LayerPlan, TokenCounts, build_layer_plans
 from pmod.schedule import RetentionSchedule
 
 

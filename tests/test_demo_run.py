@@ -69,3 +69,31 @@ def test_scale_overrides_are_checked():
         scale_with_overrides("tiny", ["steps=7"])
     with pytest.raises(ValueError, match="needs a int"):
         scale_with_overrides("tiny", ["batch=two"])
+
+
+def test_compare_puts_reducers_and_pmod_side_by_side(demo, tmp_path):
+    """scripts/compare.sh on the demo's checkpoints: a reducer at a reachable budget, one it cannot reach,
+    the dense model and the p-MoD checkpoint, through eval.sh, into one table, JSON and plot."""
+    from llava.demo.lmms_task import TASK_NAME
+
+    out, _ = demo
+    result_dir = tmp_path / "compare"
+    run_command(["bash", "scripts/compare.sh", "--dense", out / "checkpoints" / "dense",
+                 "--pmod", out / "checkpoints" / "pmod", "--tasks", TASK_NAME, "--include-path", out / "lmms_task",
+                 "--methods", "fastv", "--budgets", "0.5,0.05", "--latency-repeats", "1", "--out", result_dir],
+                timeout=900)
+    data = json.loads((result_dir / "comparison.json").read_text())
+    runs = {run["name"]: run for run in data["runs"]}
+    assert list(runs) == ["dense", "fastv_k1_keep0.32", "p-MoD pmod"]
+    assert [note.split(":")[0] for note in data["not_run"]] == ["fastv at 0.05"]
+    dense, fastv, pmod = runs.values()
+    assert dense["vision_share"] == 1.0 and dense["tflops_ratio"] == 1.0 and dense["prefill_ratio"] == 1.0
+    assert fastv["reducer"] == "fastv_k1_keep0.32" and fastv["budget"] == 0.5
+    assert abs(fastv["vision_share"] - 0.5) <= 1 / 16 and fastv["tflops_ratio"] < 1 and fastv["kv_ratio"] < 1
+    assert pmod["vision_share"] < 1 and pmod["reducer"] is None
+    for run in runs.values():
+        assert set(run["scores"]) == {TASK_NAME} and run["prefill_ms"] > 0
+    table = (result_dir / "comparison.md").read_text()
+    assert "| fastv_k1_keep0.32 | 0.500 |" in table and "Not run: fastv at 0.05" in table
+    with Image.open(result_dir / "accuracy_vs_tflops.png") as plot:
+        assert plot.size == (900, 600) and len(plot.getcolors(1 << 16)) > 3

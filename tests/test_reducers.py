@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pmod_testing import (
+    build_pmod,
+    dense_twin,
+    images_for,
+    mixed_prompts,
+    real_prefill_slots,
+    right_padded,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from llava.model import LlavaLlamaForCausalLM
 from llava.model.builder import load_pretrained_model
-from llava.model.reduce import apply_reducer
+from llava.model.reduce import apply_reducer, remove_reducer
 from pmod.accounting import ModelShape, attention_flops, estimate, main
 from pmod.hf_compat import output_cache
 from pmod.reducers import (
     fastv_for_budget,
+    for_budget,
     host_scores,
     mean_vision_tokens,
     parse_reducer,
@@ -21,7 +31,6 @@ from pmod.reducers import (
     pre_llm_for_budget,
 )
 from pmod.reduction import TokenReduction
-from pmod_testing import build_pmod, dense_twin, images_for, mixed_prompts, real_prefill_slots, right_padded
 
 pytestmark = pytest.mark.compat
 REDUCED = ["fastv_k2_keep0.25", "pdrop_layers2-4-6_lambda0.5", "random_keep0.3_seed3", "uniform_keep0.5_layer1"]
@@ -270,3 +279,33 @@ def test_accounting_cli_reducer(capsys):
         main(["--preset", "llava-1.5-7b", "--reducer", "fastv_k2_r0.75", "--beta", "0.5"])
     with pytest.raises(SystemExit, match="--reducer: reducer 'fastv'"):
         main(["--preset", "llava-1.5-7b", "--reducer", "fastv"])
+
+
+def test_families_are_solved_for_a_budget():
+    assert for_budget("fastv", 1 / 3, 576, 32).name == "fastv_k2_keep0.289"
+    assert for_budget("pdrop", 2 / 9, 576, 32).drop_layers == (2, 8, 16)
+    assert for_budget("pdrop_layers8-16-24", 1 / 3, 576, 32).drop_layers == (8, 16, 24)
+    assert for_budget("random_seed4", 0.25, 576, 32).name == "random_keep0.25_layer0_seed4"
+    with pytest.raises(ValueError, match="cannot average"):
+        for_budget("pdrop_layers8-16-24", 1 / 9, 576, 32)
+    with pytest.raises(ValueError, match="reducer family 'fastv_keep0.5'"):
+        for_budget("fastv_keep0.5", 0.25, 576, 32)
+
+
+def test_remove_reducer_gives_the_dense_model_back(dense_weights):
+    prompts = mixed_prompts()
+    ids, mask = right_padded(prompts)
+    images = images_for(prompts)
+    dense = dense_twin(dense_weights)
+    with torch.no_grad():
+        expected = dense(input_ids=ids, attention_mask=mask, images=images).logits
+    model = apply_reducer(apply_reducer(dense, "fastv_k2_keep0.25"), "uniform_keep0.5")
+    assert model.model.reducer.method == "uniform" and model.config.token_reducer == "uniform_keep0.5_layer0"
+    remove_reducer(model)
+    assert type(model) is LlavaLlamaForCausalLM and not hasattr(model.config, "token_reducer")
+    assert not hasattr(model.config, "mod_target_layer_indices")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, images=images).logits, expected,
+                                   atol=0, rtol=0)
+    with pytest.raises(TypeError, match="remove_reducer needs"):
+        remove_reducer(model)

@@ -8,7 +8,7 @@ the kept tokens per layer, as for p-MoD. The weights and their names are untouch
 
 from __future__ import annotations
 
-from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM, LlavaLlamaModel
 from llava.model.language_model.pmod_llama import PmodLlavaLlamaForCausalLM, PmodLlavaLlamaModel
 from pmod.reducers import ReducerSpec, parse_reducer
 
@@ -27,9 +27,10 @@ class ReducedLlavaLlamaForCausalLM(PmodLlavaLlamaForCausalLM):
 
 
 def apply_reducer(model: LlavaLlamaForCausalLM, spec: str | ReducerSpec) -> ReducedLlavaLlamaForCausalLM:
-    """Give a dense LLaVA model (``llava_llama``) the reducer ``spec``; returns the same object."""
+    """Give a dense LLaVA model (``llava_llama``) the reducer ``spec``, or replace the one it has; returns the
+    same object."""
     spec = parse_reducer(spec) if isinstance(spec, str) else spec
-    if type(model) is not LlavaLlamaForCausalLM:
+    if type(model) not in (LlavaLlamaForCausalLM, ReducedLlavaLlamaForCausalLM):
         raise TypeError(
             f"reducer {spec.name}: needs a dense LLaVA model (llava_llama), got {type(model).__name__}; p-MoD "
             "checkpoints already drop tokens by their own routers"
@@ -44,4 +45,18 @@ def apply_reducer(model: LlavaLlamaForCausalLM, spec: str | ReducerSpec) -> Redu
     language_model.last_routing_stats = None
     setattr(config, REDUCER_CONFIG_KEY, spec.name)
     config.mod_target_layer_indices = list(schedule.mod_layers)  # the layers PmodCache keeps compact
+    return model
+
+
+def remove_reducer(model: ReducedLlavaLlamaForCausalLM) -> LlavaLlamaForCausalLM:
+    """The dense model back (same object, same weights): e.g. to time dense and reduced in one process."""
+    if type(model) is not ReducedLlavaLlamaForCausalLM:
+        raise TypeError(f"remove_reducer needs a model given a reducer by apply_reducer, got {type(model).__name__}")
+    model.__class__ = LlavaLlamaForCausalLM
+    language_model = model.get_model()
+    language_model.__class__ = LlavaLlamaModel
+    for name in ("schedule", "reducer", "last_routing_stats"):
+        delattr(language_model, name)
+    for key in (REDUCER_CONFIG_KEY, "mod_target_layer_indices"):
+        delattr(model.config, key)
     return model
