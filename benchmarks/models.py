@@ -7,6 +7,7 @@ pointed at the p-MoD model's tensors), so both run the same numbers and a 7B pai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from functools import cache
@@ -127,6 +128,22 @@ def build_pair(preset: BenchPreset, device: torch.device, dtype: torch.dtype, se
         dense = LlavaLlamaForCausalLM(LlavaConfig(**base)).eval()
     _share_tensors(dense, pmod)
     return ModelPair(preset, pmod, dense, device, dtype)
+
+
+def reducer_of(model):
+    """The training-free reducer a LLaVA model runs under (None: p-MoD, dense, or a transformers-native model)."""
+    language_model = model.get_model() if hasattr(model, "get_model") else None
+    return getattr(language_model, "reducer", None)
+
+
+def with_reducer(pair: ModelPair, spec: str) -> ModelPair:
+    """The pair with the p-MoD side replaced by the dense model (same tensors) under a training-free reducer."""
+    from llava.model.reduce import apply_reducer
+
+    with torch.device("meta"):
+        dense = LlavaLlamaForCausalLM(LlavaConfig(**_config_kwargs(pair.preset))).eval()
+    _share_tensors(dense, pair.pmod)
+    return dataclasses.replace(pair, pmod=apply_reducer(dense, spec))
 
 
 def _config_kwargs(preset: BenchPreset) -> dict:

@@ -58,6 +58,12 @@ def _vision(shapes: dict) -> str:
 
 def markdown(result: dict) -> str:
     env, shapes = result["environment"], result["shapes"]
+    method = shapes.get("reducer") or "p-MoD"
+    if shapes.get("reducer"):
+        what = f"reducer {shapes['reducer']} on the dense model ({shapes['mod_layers']} reduced layers"
+    else:
+        what = (f"p-MoD schedule {shapes['schedule']}, beta {shapes['router_factor']} ({shapes['mod_layers']} "
+                "p-MoD layers")
     lines = [
         f"### {result['preset']} on {env['device']} ({env['device_name']}), {env['dtype']}",
         "",
@@ -67,13 +73,12 @@ def markdown(result: dict) -> str:
          f"CPU threads {env['cpu_threads']}; warm-up {result['settings']['warmup']}, "
          f"median of {result['settings']['repeats']} repeats."),
         "",
-        (f"Shapes: LLM {_llm(shapes['llm'])}; {_vision(shapes)}; p-MoD schedule {shapes['schedule']}, "
-         f"beta {shapes['router_factor']} ({shapes['mod_layers']} p-MoD layers of {shapes['llm']['num_layers']})."),
+        f"Shapes: LLM {_llm(shapes['llm'])}; {_vision(shapes)}; {what} of {shapes['llm']['num_layers']}).",
         "",
     ]
     if result.get("model"):
         lines += _table(
-            ["measurement", "batch", "unit", "dense", "p-MoD", "p-MoD / dense", "predicted ratio", "predicted from"],
+            ["measurement", "batch", "unit", "dense", method, f"{method} / dense", "predicted ratio", "predicted from"],
             [[r["measurement"], r["batch"], r["unit"], r["dense"], r["pmod"], r["ratio"], r["predicted_ratio"],
               r["predicted_kind"]] for r in result["model"]],
         )
@@ -82,7 +87,7 @@ def markdown(result: dict) -> str:
         kv = result["kv_per_layer"]
         exact = all(v["measured"] == v["predicted"] for v in kv.values())
         lines.append(f"KV bytes per layer, measured from the returned cache == pmod.accounting: **{exact}** "
-                     f"(p-MoD per layer: {kv['pmod']['measured']}).")
+                     f"({method} per layer: {kv['pmod']['measured']}).")
         lines.append("")
     if result.get("layer_costs"):
         lines.append("One p-MoD layer vs the same layer run densely (batch 1), by keep ratio:")

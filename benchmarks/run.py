@@ -4,6 +4,7 @@
     python -m benchmarks.run --preset small-llava-next --device cpu    # CPU, small shapes
     python -m benchmarks.run --preset llava-next-7b --device cuda --dtype bfloat16 --check-syncs
     python -m benchmarks.run --quick --preset tiny-qwen2.5-vl          # transformers' Qwen2.5-VL via pmod.hf
+    python -m benchmarks.run --preset llava-1.5-7b --reducer fastv_k2_keep0.25   # dense vs a reducer
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 logger = logging.getLogger("benchmarks")
 PARTS = ("prefill", "full", "decode", "uneven", "cache", "train", "kv", "layer", "attention")
+REDUCER_PARTS = ("prefill", "full", "decode", "uneven", "cache", "kv")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -52,6 +54,8 @@ def parse_args(argv):
     parser.add_argument("--check-syncs", action="store_true",
                         help="also run the p-MoD layer loop (prefill, uneven-batch decode) under "
                              "torch.cuda.set_sync_debug_mode('error')")
+    parser.add_argument("--reducer", help="time a training-free reducer (e.g. fastv_k2_keep0.25, docs/reducers.md) on "
+                                          f"the dense model instead of p-MoD; parts {','.join(REDUCER_PARTS)}")
     parser.add_argument("--json", type=Path, help="write the result as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the markdown report here")
     args = parser.parse_args(argv)
@@ -59,7 +63,9 @@ def parse_args(argv):
     native = args.preset in hf_models.HF_PRESETS
     if native:
         _refuse_unmeasured(parser, args)
-    args.parts = args.parts or ",".join(hf_models.PARTS if native else PARTS)
+    if args.reducer:
+        _check_reducer(parser, args, native)
+    args.parts = args.parts or ",".join(hf_models.PARTS if native else REDUCER_PARTS if args.reducer else PARTS)
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
@@ -72,6 +78,22 @@ def parse_args(argv):
     except ValueError:
         parser.error(f"--decode-batches must be comma-separated integers, got {args.decode_batches!r}")
     return args
+
+
+def _check_reducer(parser, args, native: bool) -> None:
+    """A reducer runs on our LLaVA presets, for the inference parts, from a spec that parses."""
+    from pmod.reducers import parse_reducer
+
+    if native:
+        parser.error(f"--reducer: reducers run on our LLaVA presets, not on the transformers-native {args.preset}")
+    try:
+        parse_reducer(args.reducer)
+    except ValueError as error:
+        parser.error(f"--reducer: {error}")
+    refused = [part for part in (args.parts or "").split(",") if part and part not in REDUCER_PARTS]
+    if refused:
+        parser.error(f"--parts {','.join(refused)}: a training-free reducer is timed on {','.join(REDUCER_PARTS)} "
+                     "(no training step; the layer and attention parts time p-MoD's own layer)")
 
 
 def _refuse_unmeasured(parser, args) -> None:
@@ -91,10 +113,12 @@ def _refuse_unmeasured(parser, args) -> None:
 def shapes(preset, pair) -> dict:
     """The shapes the report states: LLM, vision tower or what stands in for it, tokens, schedule."""
     from benchmarks.hf_models import HfPreset
+    from benchmarks.models import reducer_of
 
+    reducer = reducer_of(pair.pmod)
     common = {"llm": dataclasses.asdict(preset.llm), "n_text": preset.n_text, "n_vision": preset.n_vision,
               "schedule": preset.schedule, "router_factor": preset.router_factor,
-              "mod_layers": len(pair.schedule.mod_layers)}
+              "mod_layers": len(pair.schedule.mod_layers), "reducer": reducer.name if reducer else None}
     if isinstance(preset, HfPreset):
         return {**common, "family": preset.family, "vision": preset.describe_vision()}
     return {**common, "tower": dataclasses.asdict(preset.tower), "n_tiles": preset.n_tiles}
@@ -110,7 +134,7 @@ def main(argv=None) -> int:
 
     from benchmarks import attention, layer_costs, report, suite, syncs
     from benchmarks.hf_models import HF_PRESETS, build_hf_pair
-    from benchmarks.models import build_pair
+    from benchmarks.models import build_pair, with_reducer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -130,6 +154,8 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     logger.info("building %s on %s in %s", preset.name, device, dtype)
     pair = (build_hf_pair if native else build_pair)(preset, device, dtype)
+    if args.reducer:
+        pair = with_reducer(pair, args.reducer)
     decode = suite.generate_decode if native else suite.decode
     result = {
         "command": "python -m benchmarks.run " + shlex.join(argv),

@@ -18,7 +18,7 @@ import torch
 from transformers import StoppingCriteria
 from transformers.cache_utils import DynamicCache
 
-from benchmarks.models import ModelPair, pixel_inputs
+from benchmarks.models import ModelPair, pixel_inputs, reducer_of
 from benchmarks.timing import measure, peak_memory_bytes, synchronize
 from pmod.accounting import ModelShape, estimate
 from pmod.cache import PmodCache
@@ -64,7 +64,9 @@ def _models(pair):
 def _accounting(pair, **kwargs):
     preset = pair.preset
     shape = ModelShape.from_config(pair.pmod.config)
-    return estimate(shape, pair.schedule, preset.n_text, preset.n_vision, **kwargs)
+    reducer = reducer_of(pair.pmod)
+    schedule = None if reducer is not None else pair.schedule
+    return estimate(shape, schedule, preset.n_text, preset.n_vision, reducer=reducer, **kwargs)
 
 
 def prefill_llm(pair, settings: Settings) -> Row:

@@ -316,3 +316,31 @@ def test_native_7b_presets_build_offline_at_qwen2_7b_shapes(name, n_vision):
     assert len(pair.schedule.mod_layers) == 21 and pair.pmod.dtype == torch.bfloat16
     llm_params = sum(p.numel() for n, p in pair.dense.named_parameters() if "language_model" in n or "lm_head" in n)
     assert 7.5e9 < llm_params < 7.7e9
+
+
+def test_reducer_run_times_the_dense_model_under_the_reducer(tmp_path):
+    out = tmp_path / "reducer.json"
+    command = [sys.executable, "-m", "benchmarks.run", "--quick", "--warmup", "0", "--repeats", "1",
+               "--decode-tokens", "2", "--decode-batches", "1", "--parts", "prefill,decode,kv",
+               "--reducer", "pdrop_layers2-4-6_lambda0.5", "--json", str(out)]
+    stdout = run_command(command, timeout=300).stdout
+    result = json.loads(out.read_text())
+    assert result["shapes"]["reducer"] == "pdrop_layers2-4-6_lambda0.5" and result["shapes"]["mod_layers"] == 6
+    assert "| dense | pdrop_layers2-4-6_lambda0.5 | pdrop_layers2-4-6_lambda0.5 / dense |" in stdout
+    kv = result["kv_per_layer"]["pmod"]
+    assert kv["measured"] == kv["predicted"]
+    per_token = 2 * 2 * 16 * 4  # K and V, 2 KV heads x 16 dims, float32
+    assert [b // per_token for b in kv["measured"]] == [104, 104, 64, 64, 44, 44, 34, 34]  # 24 text + 80/40/20/10
+    prefill = next(row for row in result["model"] if row["measurement"] == "prefill, LLM only")
+    assert prefill["predicted_ratio"] < 0.7 and prefill["pmod"] > 0
+
+
+def test_reducer_flags_are_checked(capsys):
+    for argv, message in [
+        (["--reducer", "fastv"], "--reducer: reducer 'fastv'"),
+        (["--reducer", "fastv_k2_keep0.5", "--parts", "prefill,train"], "--parts train: a training-free reducer"),
+        (["--reducer", "fastv_k2_keep0.5", "--preset", "tiny-qwen2.5-vl"], "not on the transformers-native"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err

@@ -73,7 +73,8 @@ def load_for_inference(args):
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, getattr(args, "model_base", None), getattr(args, "model_name", None),
-        load_8bit=getattr(args, "load_8bit", False), load_4bit=getattr(args, "load_4bit", False), device=device)
+        load_8bit=getattr(args, "load_8bit", False), load_4bit=getattr(args, "load_4bit", False), device=device,
+        reducer=getattr(args, "reducer", None))
     return tokenizer, model, image_processor
 
 
@@ -87,6 +88,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--load-8bit", "--load_8bit", dest="load_8bit", action="store_true")
     parser.add_argument("--load-4bit", "--load_4bit", dest="load_4bit", action="store_true")
+    parser.add_argument("--reducer", default=None,
+                        help="training-free vision-token reducer for a dense checkpoint, e.g. fastv_k2_keep0.25 "
+                             "(docs/reducers.md)")
 
 
 def run_cli(main_function, argv=None) -> None:
