@@ -249,6 +249,16 @@ def test_load_pretrained_model_applies_the_reducer(tiny_models, dense_weights, t
     with pytest.raises(ValueError, match="unknown method"):
         load_pretrained_model(str(tmp_path), reducer="zip_keep0.5")
 
+    import argparse
+
+    from llava.serve.common import add_model_arguments, load_for_inference
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(["--model-path", str(tmp_path), "--device", "cpu", "--reducer", "uniform_keep0.5"])
+    _, served, _ = load_for_inference(args)
+    assert served.model.reducer.name == "uniform_keep0.5_layer0"
+
 
 @pytest.mark.parametrize("spec", ["fastv_k2_keep0.25", "pdrop_layers2-5_lambda0.5", "uniform_keep0.5"])
 def test_accounting_equals_a_flop_counter(dense_weights, spec):
