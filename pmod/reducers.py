@@ -14,6 +14,9 @@ where the ranking score comes from and which layers drop:
   2024, Sec. 3.2); the top ``λ^s`` of the *original* vision tokens go on (576 -> 288 -> 144 -> 72 at λ 0.5).
 * ``random_keep{f}_seed{s}`` and ``uniform_keep{f}`` (optional ``_layer{K}``, default 0): a seeded random
   subset of each image's token positions, or every image's tokens at an even stride; sanity baselines.
+* ``visionzip_dominant{D}_contextual{C}``: before the LLM, each image becomes D "dominant" tokens (CLS plus
+  the D-1 patches the vision tower's CLS attends to most) and C "contextual" tokens merged from the rest
+  (VisionZip, Yang et al. 2024; ``llava.model.visionzip``). The LLM then runs densely on D + C tokens per image.
 
 Keep counts use the p-MoD rule trunc(float32(n) * float32(ratio)) of each sample's vision-token count.
 Spec strings contain no ``,``, ``=`` or space, so they pass through lmms-eval ``model_args`` and file names.
@@ -29,7 +32,7 @@ import torch
 
 from pmod.schedule import RetentionSchedule, keep_count
 
-REDUCER_NAMES = ("fastv", "pdrop", "random", "uniform")
+REDUCER_NAMES = ("fastv", "pdrop", "random", "uniform", "visionzip")
 _PART = re.compile(r"^([a-z]+)([0-9][0-9.\-]*)$")
 
 
@@ -41,6 +44,8 @@ class ReducerSpec:
     drop_layers: tuple[int, ...]  # the first layer of each stage (the layer whose input is reduced)
     stage_ratios: tuple[float, ...]  # kept share of the original vision tokens from that layer on
     seed: int = 0
+    dominant: int = 0  # VisionZip: tokens kept per image, CLS included
+    contextual: int = 0  # VisionZip: merged tokens per image
 
     def __post_init__(self) -> None:
         if list(self.drop_layers) != sorted(set(self.drop_layers)):
@@ -59,6 +64,8 @@ class ReducerSpec:
             layers = "-".join(str(layer) for layer in self.drop_layers)
             lam = self.stage_ratios[0]
             return f"pdrop_layers{layers}_lambda{lam:g}"
+        if self.method == "visionzip":
+            return f"visionzip_dominant{self.dominant}_contextual{self.contextual}"
         suffix = f"_seed{self.seed}" if self.method == "random" else ""
         return f"{self.method}_keep{self.stage_ratios[0]:g}_layer{self.drop_layers[0]}{suffix}"
 
@@ -71,8 +78,20 @@ class ReducerSpec:
     def uses_attention(self) -> bool:
         return self.method in ("fastv", "pdrop")
 
-    def schedule(self, num_layers: int) -> RetentionSchedule:
-        """Per-layer kept share: None (every token) before the first drop, then each stage's ratio."""
+    @property
+    def merges_before_llm(self) -> bool:
+        """VisionZip shortens the image features themselves; the LLM then has no reduced layer."""
+        return self.method == "visionzip"
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.dominant + self.contextual
+
+    def schedule(self, num_layers: int) -> RetentionSchedule | None:
+        """Per-layer kept share: None (every token) before the first drop, then each stage's ratio; no schedule
+        (None) for a reducer that merges before the LLM."""
+        if self.merges_before_llm:
+            return None
         if self.drop_layers[-1] >= num_layers:
             raise ValueError(f"reducer {self.name}: drop layer {self.drop_layers[-1]} does not exist in a "
                              f"{num_layers}-layer LLM")
@@ -111,12 +130,14 @@ USAGE = {
     "pdrop": "write pdrop_layers{l1-l2-...}_lambda{λ}, e.g. pdrop_layers8-16-24_lambda0.5",
     "random": "write random_keep{kept share}[_seed{s}][_layer{K}], e.g. random_keep0.25_seed0",
     "uniform": "write uniform_keep{kept share}[_layer{K}], e.g. uniform_keep0.25",
+    "visionzip": "write visionzip_dominant{D}_contextual{C} (D counts the CLS token), "
+                 "e.g. visionzip_dominant54_contextual10",
 }
 
 
 def _build(method: str, options: dict[str, str]) -> ReducerSpec:
-    allowed = {"fastv": {"k", "keep", "r"}, "pdrop": {"layers", "lambda"},
-               "random": {"keep", "seed", "layer"}, "uniform": {"keep", "layer"}}[method]
+    allowed = {"fastv": {"k", "keep", "r"}, "pdrop": {"layers", "lambda"}, "random": {"keep", "seed", "layer"},
+               "uniform": {"keep", "layer"}, "visionzip": {"dominant", "contextual"}}[method]
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}")
@@ -134,12 +155,20 @@ def _build(method: str, options: dict[str, str]) -> ReducerSpec:
         if not 0.0 < lam <= 1.0 or layers[0] < 1:
             raise ValueError("λ must lie in (0, 1] and the first drop layer must be >= 1")
         return ReducerSpec("pdrop", layers, tuple(lam ** (stage + 1) for stage in range(len(layers))))
+    if method == "visionzip":
+        dominant, contextual = int(options["dominant"]), int(options["contextual"])
+        if dominant < 1 or contextual < 0:
+            raise ValueError("VisionZip keeps at least the CLS token (dominant >= 1) and contextual >= 0")
+        return ReducerSpec("visionzip", (), (), dominant=dominant, contextual=contextual)
     keep = float(options["keep"])
     return ReducerSpec(method, (int(options.get("layer", 0)),), (keep,), int(options.get("seed", 0)))
 
 
 def mean_vision_tokens(spec: ReducerSpec, n_vision: int, num_layers: int) -> float:
-    """The field's layer-averaged vision-token count T_avg = Σ_l kept_l / L (e.g. FastV K=2 keep 144 -> 171)."""
+    """The field's layer-averaged vision-token count T_avg = Σ_l kept_l / L (e.g. FastV K=2 keep 144 -> 171);
+    for VisionZip, D + C (one image of one tile)."""
+    if spec.merges_before_llm:
+        return float(spec.tokens_per_image)
     schedule = spec.schedule(num_layers)
     return sum(schedule.keep_count(layer, n_vision) for layer in range(num_layers)) / num_layers
 
@@ -176,14 +205,16 @@ def pre_llm_for_budget(method: str, n_vision: int, mean_tokens: float, seed: int
 def for_budget(family: str, share: float, n_vision: int, num_layers: int) -> ReducerSpec:
     """The reducer of ``family`` whose T_avg is ``share`` of ``n_vision`` in a ``num_layers``-layer LLM.
 
-    ``family`` is a spec without its budget: ``fastv`` / ``fastv_k{K}`` (default K = max(1, L // 16): FastV's
-    K=2 on 32 layers), ``pdrop`` / ``pdrop_layers{..}`` (default L/16, L/4, L/2: 2-8-16 on 32 layers, the author's advice for
-    budgets under PyramidDrop's 8-16-24 floor of 25%, PyramidDrop issue #29),
-    ``random[_seed{s}]``, ``uniform``. A budget the family cannot reach is an error.
+    ``family`` is a spec without its budget: ``fastv`` / ``fastv_k{K}`` (default K = max(1, L // 16):
+    FastV's K=2 on 32 layers), ``pdrop`` / ``pdrop_layers{..}`` (default L/16, L/4, L/2: 2-8-16 on 32
+    layers, the author's advice for budgets under PyramidDrop's 8-16-24 floor of 25%, PyramidDrop issue #29),
+    ``random[_seed{s}]``, ``uniform``, ``visionzip`` (dominant : contextual = 54 : 10, VisionZip's README
+    setting). A budget the family cannot reach is an error.
     """
     parts = family.split("_")
     method, options = parts[0], dict(_PART.match(part).groups() for part in parts[1:] if _PART.match(part))
-    allowed = {"fastv": {"k"}, "pdrop": {"layers"}, "random": {"seed"}, "uniform": set()}.get(method)
+    allowed = {"fastv": {"k"}, "pdrop": {"layers"}, "random": {"seed"}, "uniform": set(),
+               "visionzip": set()}.get(method)
     if allowed is None or len(options) != len(parts) - 1 or not set(options) <= allowed:
         raise ValueError(f"reducer family {family!r}: write fastv[_k{{K}}], pdrop[_layers{{l1-l2-..}}], "
                          "random[_seed{s}] or uniform")
@@ -194,6 +225,10 @@ def for_budget(family: str, share: float, n_vision: int, num_layers: int) -> Red
         default = (max(1, num_layers // 16), max(2, num_layers // 4), max(3, num_layers // 2))
         layers = tuple(int(v) for v in options["layers"].split("-")) if "layers" in options else default
         return pdrop_for_budget(layers, n_vision, num_layers, target)
+    if method == "visionzip":
+        total = max(2, round(target))
+        dominant = max(1, round(total * 54 / 64))
+        return ReducerSpec("visionzip", (), (), dominant=dominant, contextual=total - dominant)
     return pre_llm_for_budget(method, n_vision, target, int(options.get("seed", 0)))
 
 

@@ -3,6 +3,8 @@ batching, cached generation, the papers' ranking rules against eager attention, 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from pmod_testing import (
@@ -33,7 +35,8 @@ from pmod.reducers import (
 from pmod.reduction import TokenReduction
 
 pytestmark = pytest.mark.compat
-REDUCED = ["fastv_k2_keep0.25", "pdrop_layers2-4-6_lambda0.5", "random_keep0.3_seed3", "uniform_keep0.5_layer1"]
+REDUCED = ["fastv_k2_keep0.25", "pdrop_layers2-4-6_lambda0.5", "random_keep0.3_seed3", "uniform_keep0.5_layer1",
+           "visionzip_dominant5_contextual3"]
 KEEP_ALL = ["fastv_k2_keep1", "pdrop_layers2-4-6_lambda1", "random_keep1", "uniform_keep1"]
 
 
@@ -73,6 +76,8 @@ def test_spec_strings_round_trip_and_schedules():
     ("random_keep1.5", r"\(0, 1\]"),
     ("fastv_k2_r1", r"\(0, 1\]"),
     ("uniform_keep0.5_seed2", "unknown option"),
+    ("visionzip_dominant0_contextual2", "dominant >= 1"),
+    ("visionzip_dominant54", "missing option 'contextual'"),
 ])
 def test_bad_specs_name_the_spec_and_the_fix(spec, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -138,9 +143,15 @@ def test_kv_lengths_batching_and_cached_generation(monkeypatch, dense_weights, s
         assert result.sequences[row].tolist() == alone[0].tolist() == recomputed
 
     cache = output_cache(result)
-    schedule = parse_reducer(spec).schedule(8)
-    n_vision = [0, 16, 32]
+    reducer = parse_reducer(spec)
     n_text = [len(p) - p.count(-200) for p in prompts]
+    if reducer.merges_before_llm:  # every layer caches the D + C tokens per image the LLM saw
+        seen = [n + reducer.tokens_per_image * p.count(-200) for n, p in zip(n_text, prompts)]
+        assert model.config.mod_target_layer_indices == [] and seen[2] < n_text[2] + 32
+        assert all(cache.layers[layer].get_seq_length() == max(seen) + 4 for layer in range(8))
+        return
+    schedule = reducer.schedule(8)
+    n_vision = [0, 16, 32]
     assert list(model.config.mod_target_layer_indices) == list(schedule.mod_layers)
     for layer in range(8):
         if schedule.is_mod(layer):
@@ -319,3 +330,68 @@ def test_remove_reducer_gives_the_dense_model_back(dense_weights):
                                    atol=0, rtol=0)
     with pytest.raises(TypeError, match="remove_reducer needs"):
         remove_reducer(model)
+
+
+def eager_clip_reference(tower, images, dominant, contextual):
+    """VisionZip's rule written out on the eager attention map and a k_proj hook, one image at a time."""
+    clip = copy.deepcopy(tower.vision_tower)
+    clip.set_attn_implementation("eager")
+    layers = getattr(clip, "vision_model", clip).encoder.layers
+    index = tower.select_layer % (len(layers) + 1)
+    captured = {}
+    layers[index - 1].self_attn.k_proj.register_forward_hook(lambda module, args, out: captured.update(keys=out))
+    with torch.no_grad():
+        outputs = clip(images, output_hidden_states=True, output_attentions=True)
+    features = outputs.hidden_states[index]
+    heads = layers[index - 1].self_attn.num_heads
+    keys = captured["keys"].view(*captured["keys"].shape[:2], heads, -1).mean(dim=2)
+    result = []
+    for image in range(images.shape[0]):
+        cls_row = outputs.attentions[index - 1][image, :, 0].sum(dim=0)
+        patches = sorted((cls_row[1:].topk(dominant - 1).indices + 1).tolist())
+        rows = [features[image, 0]] + [features[image, p] for p in patches]
+        rest = [t for t in range(1, features.shape[1]) if t not in patches]
+        targets = rest[::max(1, len(rest) // contextual)][:contextual]
+        groups = {t: [] for t in targets}
+        for token in (t for t in rest if t not in targets):
+            cosine = [torch.nn.functional.cosine_similarity(keys[image, token], keys[image, t], dim=0) for t in targets]
+            groups[targets[int(torch.stack(cosine).argmax())]].append(features[image, token])
+        rows += [features[image, t] + (torch.stack(g).mean(0) if g else 0) for t, g in groups.items()]
+        result.append(torch.stack(rows))
+    return torch.stack(result), features
+
+
+def test_visionzip_follows_its_rule_on_the_eager_attention_map(dense_weights):
+    from llava.model.visionzip import visionzip_features
+
+    tower = dense_weights.get_vision_tower()
+    images = images_for(mixed_prompts())[:3]
+    expected, selected_layer = eager_clip_reference(tower, images, dominant=5, contextual=3)
+    torch.testing.assert_close(visionzip_features(tower, images, 5, 3), expected, atol=1e-5, rtol=1e-5)
+    everything = visionzip_features(tower, images, dominant=17, contextual=0)
+    torch.testing.assert_close(everything, selected_layer, atol=1e-5, rtol=1e-5)  # CLS + every patch, in order
+    with pytest.raises(ValueError, match="dominant 10 \\+ contextual 8 needs more than the 16 patches"):
+        visionzip_features(tower, images, 10, 8)
+
+
+def test_visionzip_costs_and_records_count_the_towers_tokens(dense_weights):
+    from llava.eval.efficiency import EfficiencyLog
+
+    spec = parse_reducer("visionzip_dominant54_contextual10")
+    shape = ModelShape.from_config(dense_weights.config)
+    report = estimate(shape, None, 40, 576, reducer=spec)
+    same_llm = estimate(shape, None, 40, 64)
+    assert [c.tokens for c in report.layers] == [c.tokens for c in same_llm.layers] == [104] * 8
+    assert report.mean_vision_tokens == 64 and report.vision_kv_ratio == 64 / 576
+    assert report.dense_layers[0].tokens == 616 and report.flops_ratio < 0.2
+
+    model = reduced(dense_weights, "visionzip_dominant5_contextual3")
+    log = EfficiencyLog(model.config, None, 0, tile_tokens=16)
+    entry = log.record(task="t", split="s", doc_id=0, prompt_tokens=9, text_tokens=7, vision_tokens=16,
+                       kept_vision=[16] * 8, generated_tokens=1)  # two images of D + C = 8 tokens
+    assert entry["vision_tokens"] == 32 and entry["vision_kv_ratio"] == 0.5 and entry["tflops"] < entry["dense_tflops"]
+
+
+def test_visionzip_refuses_anyres_checkpoints(dense_weights):
+    with pytest.raises(NotImplementedError, match="AnyRes"):
+        reduced(dense_weights, "visionzip_dominant5_contextual3", image_aspect_ratio="anyres")

@@ -41,7 +41,10 @@ def kept_vision_per_layer(model, sample: int, n_vision: int, schedule) -> List[i
 class EfficiencyLog:
     """Collects per-sample efficiency records; appends them to `efficiency_rank{rank}.jsonl` in `output_dir`."""
 
-    def __init__(self, config, output_dir: Optional[str], rank: int, dtype: Optional[torch.dtype] = None):
+    def __init__(self, config, output_dir: Optional[str], rank: int, dtype: Optional[torch.dtype] = None,
+                 tile_tokens: Optional[int] = None):
+        """`tile_tokens`: patch tokens of one tile of the vision tower, which VisionZip's records cost against."""
+        self.tile_tokens = tile_tokens
         self.shape = ModelShape.from_config(config)
         reducer = getattr(config, "token_reducer", None)
         self.reducer = parse_reducer(reducer) if reducer else None
@@ -59,9 +62,14 @@ class EfficiencyLog:
 
     def record(self, *, task: str, split: str, doc_id: int, prompt_tokens: int, text_tokens: int,
                vision_tokens: int, kept_vision: Sequence[int], generated_tokens: int) -> Dict:
-        """Cost one sample: `text_tokens` + `vision_tokens` are what the decoder saw at prefill."""
+        """Cost one sample: `text_tokens` + `vision_tokens` are what the decoder saw at prefill. Under VisionZip
+        the LLM saw D + C tokens per image; the record states the tower's own count beside them."""
+        n_tiles = None
+        if self.reducer is not None and self.reducer.merges_before_llm and vision_tokens and self.tile_tokens:
+            n_tiles = vision_tokens // self.reducer.tokens_per_image
+            vision_tokens = n_tiles * self.tile_tokens
         report = estimate(self.shape, self.schedule, text_tokens, vision_tokens, kv_dtype=self.kv_dtype,
-                          reducer=self.reducer)
+                          reducer=self.reducer, n_tiles=n_tiles)
         entry = {
             "task": task, "split": split, "doc_id": doc_id,
             "prompt_tokens": prompt_tokens, "text_tokens": text_tokens, "vision_tokens": vision_tokens,

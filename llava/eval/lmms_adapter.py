@@ -108,7 +108,9 @@ class PmodLlava(BatchedModel):
 
         self._pad_token_id = (self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None
                               else self._tokenizer.eos_token_id)
-        self.efficiency = (EfficiencyLog(self._model.config, efficiency_dir, self._rank, self._model.dtype)
+        tower = self._model.get_vision_tower() if hasattr(self._model, "get_vision_tower") else None
+        self.efficiency = (EfficiencyLog(self._model.config, efficiency_dir, self._rank, self._model.dtype,
+                                         tile_tokens=tower.num_patches if tower is not None else None)
                            if log_efficiency else None)
 
     def _load(self, pretrained, model_base, model_name, device, attn_implementation, dtype, device_map,

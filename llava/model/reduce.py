@@ -1,4 +1,4 @@
-"""Training-free vision-token reduction (FastV, PyramidDrop, random, uniform) on a dense LLaVA model.
+"""Training-free vision-token reduction (FastV, PyramidDrop, random, uniform, VisionZip) on a dense LLaVA model.
 
 ``apply_reducer(model, "fastv_k2_keep0.25")`` turns a loaded dense LLaVA model, in place, into one that runs
 the p-MoD forward without routers: the reducer's layers process only the vision tokens it keeps (see
@@ -8,8 +8,12 @@ the kept tokens per layer, as for p-MoD. The weights and their names are untouch
 
 from __future__ import annotations
 
+import torch
+
+from llava.mm_utils import is_anyres
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM, LlavaLlamaModel
 from llava.model.language_model.pmod_llama import PmodLlavaLlamaForCausalLM, PmodLlavaLlamaModel
+from llava.model.visionzip import visionzip_features
 from pmod.reducers import ReducerSpec, parse_reducer
 
 REDUCER_CONFIG_KEY = "token_reducer"
@@ -21,6 +25,14 @@ class ReducedLlavaLlamaModel(PmodLlavaLlamaModel):
 
 class ReducedLlavaLlamaForCausalLM(PmodLlavaLlamaForCausalLM):
     """A dense LLaVA model with a training-free reducer; built only by :func:`apply_reducer`."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """VisionZip shrinks each image's features before the projector; the other reducers act in the LLM."""
+        reducer = self.get_model().reducer
+        if not reducer.merges_before_llm:
+            return super().encode_images(images)
+        features = visionzip_features(self.get_vision_tower(), images, reducer.dominant, reducer.contextual)
+        return self.get_model().mm_projector(features)
 
     def save_pretrained(self, *args, **kwargs):
         raise NotImplementedError("a reducer is applied at load time (reducer=...), not saved: save the dense model")
@@ -36,6 +48,9 @@ def apply_reducer(model: LlavaLlamaForCausalLM, spec: str | ReducerSpec) -> Redu
             "checkpoints already drop tokens by their own routers"
         )
     config = model.config
+    if spec.merges_before_llm and is_anyres(getattr(config, "image_aspect_ratio", None)):
+        raise NotImplementedError(f"reducer {spec.name}: VisionZip's AnyRes layout (every crop zipped on its own, "
+                                  "no unpadding or newline tokens) is not implemented; use it with pad/square images")
     schedule = spec.schedule(config.num_hidden_layers)
     model.__class__ = ReducedLlavaLlamaForCausalLM
     language_model = model.get_model()
@@ -44,7 +59,7 @@ def apply_reducer(model: LlavaLlamaForCausalLM, spec: str | ReducerSpec) -> Redu
     language_model.reducer = spec
     language_model.last_routing_stats = None
     setattr(config, REDUCER_CONFIG_KEY, spec.name)
-    config.mod_target_layer_indices = list(schedule.mod_layers)  # the layers PmodCache keeps compact
+    config.mod_target_layer_indices = list(schedule.mod_layers) if schedule else []  # layers PmodCache keeps compact
     return model
 
 
