@@ -29,7 +29,7 @@ from llava.eval.summarize import BENCHMARKS, load_results
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_FAMILIES = "fastv,pdrop,random,uniform"
+DEFAULT_FAMILIES = "fastv,pdrop,visionzip,random,uniform"
 
 
 @dataclass
