@@ -16,6 +16,7 @@ from lmms_requests import GREEDY, generate, mixed_requests, request, two_tasks, 
 from llava.eval.lmms_hf_adapter import PmodHF  # noqa: E402
 from pmod.accounting import ModelShape, estimate  # noqa: E402
 from pmod.hf import apply_pmod  # noqa: E402
+from pmod.reducers import parse_reducer  # noqa: E402
 from pmod.schedule import schedule_from_config  # noqa: E402
 
 pytestmark = pytest.mark.compat
@@ -155,3 +156,24 @@ def test_max_pixels_bounds_the_qwenvisual_tokens(checkpoints, tmp_path):
         lm.generate_until([request("generate_until", ("What color?", dict(GREEDY), visual, 0, "big", "test"))])
         counts[limit] = lm.efficiency.records[0]["vision_tokens"]
     assert counts == {None: 16, 4 * 28 * 28: 4}
+
+
+def test_a_reducer_on_a_dense_checkpoint_answers_and_is_costed_as_the_reducer(checkpoints, adapters, tmp_path):
+    spec = "pdrop_layers1-3_lambda0.5"
+    lm = PmodHF(pretrained=checkpoints[("qwen2_5_vl", "dense")], device="cpu", batch_size="2", reducer=spec,
+                log_efficiency="True", efficiency_dir=str(tmp_path))
+    assert lm.model.pmod_reducer.name == spec
+    requests = mixed_requests()[:4]
+    assert _generate(lm, requests, 2) == _generate(lm, requests, 1)
+    records = [json.loads(line) for line in (tmp_path / "efficiency_rank0.jsonl").read_text().splitlines()]
+    reducer = parse_reducer(spec)
+    shape = ModelShape.from_config(tiny_vlm("qwen2_5_vl").config.get_text_config())
+    for record in records[:4]:
+        assert record["kept_vision_per_layer"] == reducer.schedule(6).keep_counts(record["vision_tokens"])
+        expected = estimate(shape, None, record["text_tokens"], record["vision_tokens"], kv_dtype="float32",
+                            reducer=reducer)
+        assert record["tflops"] == pytest.approx(expected.total_flops / 1e12)
+        assert record["tflops"] < record["dense_tflops"]
+    with pytest.raises(ValueError, match="pmod_hf: `reducer` applies at load"):
+        PmodHF(model=adapters[("llava", "dense")].model, processor=adapters[("llava", "dense")]._processor,
+               reducer=spec)

@@ -22,7 +22,7 @@ from llava.eval.generation import plan_generation, truncate_at_stop_strings
 from llava.eval.lmms_base import BatchedModel, continuation_logprob, parse_dtype
 from llava.train.hf_data import content_parts
 from pmod.cache import PmodCache
-from pmod.hf import load_vlm
+from pmod.hf import apply_reducer, load_vlm
 from pmod.hf.families import base_architecture, visual_token_ids
 from pmod.hf_compat import output_cache
 from pmod.schedule import schedule_from_config
@@ -47,7 +47,8 @@ class PmodHF(BatchedModel):
     Model arguments (`--model_args k=v,...`): `pretrained` (checkpoint folder or hub id), `device`,
     `batch_size`, `attn_implementation` (default sdpa), `dtype` (auto, float16, bfloat16, float32),
     `min_pixels` / `max_pixels` (Qwen-VL image size range), `log_efficiency`, `efficiency_dir`,
-    `device_map` (`auto` spreads the model over one process's GPUs), `use_cache` (must stay True).
+    `device_map` (`auto` spreads the model over one process's GPUs), `use_cache` (must stay True), `reducer` (a
+    training-free vision-token reducer for a dense checkpoint, e.g. `fastv_k2_keep0.25`; see `pmod.reducers`).
     For evaluation during training pass `model` and `processor` instead of `pretrained`. `max_batch_size` is
     accepted (lmms-eval passes it) and ignored.
     """
@@ -70,10 +71,14 @@ class PmodHF(BatchedModel):
         processor: Any = None,
         device_map: Optional[str] = None,
         use_cache: Any = True,
+        reducer: Optional[str] = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
         self._check_arguments(unknown, batch_size, use_cache)
+        if model is not None and reducer:
+            raise ValueError("pmod_hf: `reducer` applies at load (with pretrained=...); for a built model call "
+                             "pmod.hf.apply_reducer(model, spec) first")
         limits = {name: int(value) for name, value in zip(PIXEL_LIMITS, (min_pixels, max_pixels)) if value}
         if model is not None:
             if processor is None:
@@ -87,12 +92,14 @@ class PmodHF(BatchedModel):
         else:
             self._load(str(pretrained), device, device_map, attn_implementation, parse_dtype(dtype, "pmod_hf"),
                        limits)
+            if reducer:
+                self._model = apply_reducer(self._model, reducer)
         base_architecture(self._model)
         self._tokenizer = self._processor.tokenizer
         self._max_length = getattr(self._model.config.get_text_config(), "max_position_embeddings", None) or 4096
         self._visual_ids = visual_token_ids(self._model.config)
         text_config = self._model.config.get_text_config()
-        self._schedule = schedule_from_config(text_config)
+        self._schedule = getattr(self._model, "pmod_schedule", None) or schedule_from_config(text_config)
         self.efficiency = (EfficiencyLog(text_config, efficiency_dir, self._rank, self._model.dtype)
                            if log_efficiency else None)
 

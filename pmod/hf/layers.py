@@ -1,5 +1,6 @@
 """p-MoD variants of transformers' own decoder layer classes: the same sub-modules and state-dict keys, plus a
-router (``layers.{i}.router.router.*``), routed when the model's :class:`ForwardSession` says so.
+router (``layers.{i}.router.router.*``), routed when the model's :class:`ForwardSession` says so. A
+training-free reducer's layers are the same variant without a router.
 
 The layer stays an instance of its transformers class, so transformers' hooks (hidden-state recording,
 gradient checkpointing) keep working. The session reaches the layers through :class:`PmodState`, shared by
@@ -36,6 +37,7 @@ def pmod_layer_class(base: type) -> type:
             session = self.pmod_state.session
             index = self.self_attn.layer_idx
             if session is not None:
+                session.before_layer(index, self, hidden_states, position_embeddings)
                 routing = session.layer_routing(index)
                 if routing is not None:
                     output = routed_forward(self, self.router, self.weight_norm, hidden_states, routing,
@@ -52,8 +54,10 @@ def pmod_layer_class(base: type) -> type:
     return _LAYER_CLASSES[base]
 
 
-def make_pmod_layer(layer: nn.Module, router: TokenRouter, weight_norm: WeightNorm, state: PmodState) -> None:
-    """Turn a transformers decoder layer into its p-MoD variant, in place."""
+def make_pmod_layer(layer: nn.Module, router: TokenRouter | None, weight_norm: WeightNorm | None,
+                    state: PmodState) -> None:
+    """Turn a transformers decoder layer into its p-MoD variant, in place; without a router (a training-free
+    reducer's layer) the session chooses its tokens."""
     layer.__class__ = pmod_layer_class(type(layer))
     layer.router = router
     layer.weight_norm = weight_norm

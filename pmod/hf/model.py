@@ -22,6 +22,7 @@ from pmod.cache import PmodCache
 from pmod.hf.families import PMOD_PREFIX, base_architecture, text_layers, visual_token_ids
 from pmod.hf.layers import PmodState, make_pmod_layer
 from pmod.hf_compat import cache_kwargs, pop_cache
+from pmod.reducers import ReducerSpec, parse_reducer
 from pmod.routing import TokenRouter, zero_linear
 from pmod.session import ForwardSession, check_mask_width, routing_inputs
 from pmod.settings import MOD_CONFIG_KEYS, validate_mod_config
@@ -105,6 +106,12 @@ def pmod_class(base: type) -> type:
             session.finish()
             return output
 
+        def save_pretrained(self, *args, **kwargs):
+            if getattr(self, "pmod_reducer", None) is not None:
+                raise NotImplementedError("a reducer is applied at load time (reducer=...), not saved: save the "
+                                          "dense model")
+            return base.save_pretrained(self, *args, **kwargs)
+
         def generate(self, *args, **kwargs):
             """``generate`` with a PmodCache (or the caller's cache, to continue a conversation)."""
             cache = pop_cache(kwargs)
@@ -115,10 +122,36 @@ def pmod_class(base: type) -> type:
         name = f"{PMOD_PREFIX}{base.__name__}"
         _share_checkpoint_layout(base, name)
         _MODEL_CLASSES[base] = type(name, (base,), {
-            "__init__": __init__, "forward": forward, "generate": generate,
+            "__init__": __init__, "forward": forward, "generate": generate, "save_pretrained": save_pretrained,
             "__doc__": f"{base.__name__} with p-MoD layers (pmod.hf); reload with pmod.hf.from_pretrained.",
         })
     return _MODEL_CLASSES[base]
+
+
+def apply_reducer(model, spec: str | ReducerSpec):
+    """Give a dense transformers VLM a training-free reducer (``pmod.reducers``: FastV, PyramidDrop, random,
+    uniform), in place (and return it). VisionZip and reducers that touch layer 0 are refused, with the reason."""
+    spec = parse_reducer(spec) if isinstance(spec, str) else spec
+    base_architecture(model)
+    if getattr(model, "pmod_state", None) is not None:
+        raise TypeError(f"reducer {spec.name}: needs a dense model; this one already has p-MoD layers or a reducer")
+    if spec.merges_before_llm:
+        raise NotImplementedError(f"reducer {spec.name}: VisionZip runs on our LLaVA checkpoints' CLIP tower only "
+                                  "(llava.model.reduce); transformers' own vision towers are not wired")
+    text_config = model.config.get_text_config()
+    schedule = spec.schedule(text_config.num_hidden_layers)
+    first = min(schedule.mod_layers[0], *(drop + spec.score_layer_offset for drop in spec.drop_layers))
+    if schedule.is_mod(0):
+        raise ValueError(f"reducer {spec.name}: transformers' VLMs keep layer 0 dense (masks and positions are sized "
+                         "by layer 0's cache); start it at layer 1 or later (e.g. _layer1)")
+    text_config.token_reducer = spec.name
+    text_config.mod_target_layer_indices = list(schedule.mod_layers)  # the layers PmodCache keeps compact
+    state = PmodState()
+    for layer in list(text_layers(model))[first:]:
+        make_pmod_layer(layer, None, None, state)
+    model.__class__ = pmod_class(type(model))
+    model.pmod_state, model.pmod_schedule, model.pmod_reducer = state, schedule, spec
+    return model
 
 
 def _share_checkpoint_layout(base: type, name: str) -> None:
@@ -151,14 +184,15 @@ def _open_session(model, input_ids, inputs_embeds, attention_mask, cache, use_ca
         raise NotImplementedError("p-MoD routes vision tokens at prefill only: images or videos cannot continue a "
                                   "filled cache. Start a new prompt (without the cache).")
     like = torch.empty(*reference.shape[:2], 0, dtype=model.dtype, device=reference.device)
-    session = ForwardSession(text_config, model.pmod_schedule, cache, attention_mask, like, past_length, routing)
+    session = ForwardSession(text_config, model.pmod_schedule, cache, attention_mask, like, past_length, routing,
+                             getattr(model, "pmod_reducer", None))
     model.pmod_state.session = session
     return session, cache, use_cache
 
 
 def _targets(model, input_ids: torch.Tensor) -> torch.Tensor:
     """[B, L] bool: the tokens p-MoD may skip (image / video placeholders, or every token for target 'all')."""
-    if model.config.get_text_config().mod_target_token_type == "all":
+    if getattr(model.config.get_text_config(), "mod_target_token_type", "vision_all") == "all":
         return torch.ones_like(input_ids, dtype=torch.bool)
     ids = torch.tensor(visual_token_ids(model.config), device=input_ids.device)
     return torch.isin(input_ids, ids)
