@@ -22,7 +22,8 @@ Conventions (see ``docs`` for the comparison with the paper):
   our implementation computes. ``Report.mean_vision_tokens`` is the field's layer-averaged token count T_avg.
 
 Command line: ``python -m pmod.accounting --preset llava-next-7b --beta 0.5``,
-``python -m pmod.accounting --preset llava-1.5-7b --reducer fastv_k2_keep0.25`` or
+``python -m pmod.accounting --preset llava-1.5-7b --reducer fastv_k2_keep0.25``,
+``python -m pmod.accounting --preset llava-1.5-7b --reducer pdrop --budget 128`` (the setting that meets it) or
 ``python -m pmod.accounting --config path/to/config.json --n-vision N --n-text T``.
 """
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from pmod.reducers import ReducerSpec, parse_reducer
+from pmod.reducers import ReducerSpec, for_budget, parse_reducer
 from pmod.schedule import RetentionSchedule, parse_schedule, schedule_from_config
 
 DEFAULT_SCHEDULE = "shiftedcos_decay_0.85_0.15"
@@ -352,7 +353,10 @@ def _parse_args(argv):
     parser.add_argument("--beta", type=float, help="--mod_router_factor (default: the config's, or 0.5)")
     parser.add_argument("--schedule", help=f"--mod_target_layers (default: the config's, or {DEFAULT_SCHEDULE})")
     parser.add_argument("--reducer", help="a training-free reducer on the dense model instead of p-MoD, e.g. "
-                                          "fastv_k2_keep0.25 (see pmod.reducers)")
+                                          "fastv_k2_keep0.25 (see pmod.reducers), or a family with --budget")
+    parser.add_argument("--budget", type=float,
+                        help="with --reducer FAMILY (fastv, fastv_k3, pdrop, visionzip, ...): the layer-averaged "
+                             "vision tokens to meet (e.g. 192), or a share of them if <= 1")
     parser.add_argument("--n-vision", type=int, help="vision tokens (MoD targets)")
     parser.add_argument("--n-text", type=int, help="text tokens")
     parser.add_argument("--n-tiles", type=int, help="vision-tower tiles (default: n_vision // 576)")
@@ -387,11 +391,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"--include-vision-tower models CLIP ViT-L/14-336 only; {args.preset} has another tower "
                          "(its LLM figures are exact)")
     reducer = None
+    if args.budget is not None and not args.reducer:
+        raise SystemExit("--budget needs --reducer FAMILY (e.g. --reducer fastv --budget 192)")
     if args.reducer:
         if args.beta is not None or args.schedule is not None:
             raise SystemExit("--reducer costs the dense model with a reducer: leave out --beta and --schedule")
         try:
-            reducer = parse_reducer(args.reducer)
+            if args.budget is None:
+                reducer = parse_reducer(args.reducer)
+            else:
+                share = args.budget if args.budget <= 1 else args.budget / n_vision
+                reducer = for_budget(args.reducer, share, n_vision, shape.num_layers)
         except ValueError as error:
             raise SystemExit(f"--reducer: {error}") from None
         schedule, beta = None, None

@@ -300,6 +300,13 @@ def test_accounting_cli_reducer(capsys):
         main(["--preset", "llava-1.5-7b", "--reducer", "fastv_k2_r0.75", "--beta", "0.5"])
     with pytest.raises(SystemExit, match="--reducer: reducer 'fastv'"):
         main(["--preset", "llava-1.5-7b", "--reducer", "fastv"])
+    assert main(["--preset", "llava-1.5-7b", "--reducer", "pdrop", "--budget", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "pdrop_layers2-8-16_lambda0.4211" in out and out.split("layer mean")[1].split()[0] == "128.4"
+    with pytest.raises(SystemExit, match="--budget needs --reducer"):
+        main(["--preset", "llava-1.5-7b", "--budget", "128"])
+    with pytest.raises(SystemExit, match="cannot average"):
+        main(["--preset", "llava-1.5-7b", "--reducer", "pdrop_layers8-16-24", "--budget", "64"])
 
 
 def test_families_are_solved_for_a_budget():
