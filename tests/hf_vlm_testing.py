@@ -190,3 +190,21 @@ def visual_token_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(input_ids, torch.tensor([i for i in visual_ids if i is not None], device=input_ids.device))
 
 
+
+
+def greedy_without_cache(model, inputs: dict, steps: int, banned: tuple[int, ...] = ()) -> list[int]:
+    """Greedy tokens by recomputing the whole sequence each step (batch of one); ``banned`` ids never come out."""
+    inputs = dict(inputs)
+    tokens = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits[0, -1]
+        logits[list(banned)] = float("-inf")
+        token = int(logits.argmax())
+        tokens.append(token)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.long)],
+                                                    dim=1)
+    return tokens

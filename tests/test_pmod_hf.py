@@ -11,7 +11,15 @@ import copy
 
 import pytest
 import torch
-from hf_vlm_testing import FAMILIES, Sample, tiny_vlm, visual_token_mask, vlm_inputs, with_random_routers
+from hf_vlm_testing import (
+    FAMILIES,
+    Sample,
+    greedy_without_cache,
+    tiny_vlm,
+    visual_token_mask,
+    vlm_inputs,
+    with_random_routers,
+)
 from safetensors.torch import load_file
 
 from pmod.hf import SUPPORTED_ARCHITECTURES, apply_pmod, from_pretrained, pmod_settings
@@ -57,23 +65,6 @@ def test_each_layer_caches_what_the_schedule_keeps(family):
     expected = [n_text + schedule.keep_count(layer, n_visual) for layer in range(schedule.num_layers)]
     assert [cache.layers[i].get_seq_length() for i in range(schedule.num_layers)] == expected
     assert expected[-1] < n_text + n_visual
-
-
-def greedy_without_cache(model, inputs: dict, steps: int) -> list[int]:
-    """Greedy tokens by recomputing the whole sequence each step (batch of one)."""
-    inputs = dict(inputs)
-    tokens = []
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits
-        token = int(logits[0, -1].argmax())
-        tokens.append(token)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.long)],
-                                                    dim=1)
-    return tokens
 
 
 def generated(model, inputs: dict, steps: int) -> torch.Tensor:

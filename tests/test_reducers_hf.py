@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from hf_vlm_testing import FAMILIES, Sample, tiny_vlm, visual_token_mask, vlm_inputs
+from hf_vlm_testing import FAMILIES, Sample, greedy_without_cache, tiny_vlm, visual_token_mask, vlm_inputs
 
 from pmod.hf import apply_pmod, apply_reducer
 from pmod.hf.families import visual_token_ids
@@ -54,23 +54,11 @@ def test_each_layer_caches_text_plus_the_reducers_keep_count(family, spec):
     assert [cache.layers[i].get_seq_length() for i in range(6)] == expected and expected[-1] < n_text + n_visual
 
 
-def greedy_without_cache(monkeypatch, model, inputs: dict, steps: int) -> list[int]:
-    """Recompute the whole sequence each step (batch of one), ranking from the last prompt token as prefill did."""
-    inputs = dict(inputs)
+def pinned_greedy_without_cache(monkeypatch, model, inputs: dict, steps: int) -> list[int]:
+    """Recomputation ranking from the last prompt token at every step, as the cached prefill did."""
     last_prompt_token = inputs["input_ids"].shape[1] - 1
     monkeypatch.setattr("pmod.reduction.last_valid_index", lambda valid: torch.full((1,), last_prompt_token))
-    tokens = []
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits[0, -1]
-        logits[list(visual_token_ids(model.config))] = float("-inf")
-        token = int(logits.argmax())
-        tokens.append(token)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.long)],
-                                                    dim=1)
+    tokens = greedy_without_cache(model, inputs, steps, banned=visual_token_ids(model.config))
     monkeypatch.undo()
     return tokens
 
@@ -85,7 +73,7 @@ def generated(model, inputs: dict, steps: int) -> list[list[int]]:
 def test_batches_equal_single_samples_and_cached_equals_recomputed(monkeypatch, family):
     model = apply_reducer(tiny_vlm(family), "fastv_k2_keep0.3")
     single = [generated(model, vlm_inputs(model, family, [sample]), 4)[0] for sample in MIXED]
-    assert greedy_without_cache(monkeypatch, model, vlm_inputs(model, family, MIXED[:1]), 4) == single[0]
+    assert pinned_greedy_without_cache(monkeypatch, model, vlm_inputs(model, family, MIXED[:1]), 4) == single[0]
     assert generated(model, vlm_inputs(model, family, MIXED), 4) == single
 
 
