@@ -87,9 +87,12 @@ def _check_reducer(parser, args, native: bool) -> None:
     if native:
         parser.error(f"--reducer: reducers run on our LLaVA presets, not on the transformers-native {args.preset}")
     try:
-        parse_reducer(args.reducer)
+        reducer = parse_reducer(args.reducer)
     except ValueError as error:
         parser.error(f"--reducer: {error}")
+    if reducer.merges_before_llm:
+        parser.error(f"--reducer {args.reducer}: VisionZip shrinks the vision tower's output, and these parts feed "
+                     "the LLM embeddings directly; scripts/compare.sh times its prefill from pixels")
     refused = [part for part in (args.parts or "").split(",") if part and part not in REDUCER_PARTS]
     if refused:
         parser.error(f"--parts {','.join(refused)}: a training-free reducer is timed on {','.join(REDUCER_PARTS)} "

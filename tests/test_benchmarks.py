@@ -340,6 +340,7 @@ def test_reducer_flags_are_checked(capsys):
         (["--reducer", "fastv"], "--reducer: reducer 'fastv'"),
         (["--reducer", "fastv_k2_keep0.5", "--parts", "prefill,train"], "--parts train: a training-free reducer"),
         (["--reducer", "fastv_k2_keep0.5", "--preset", "tiny-qwen2.5-vl"], "not on the transformers-native"),
+        (["--reducer", "visionzip_dominant5_contextual3"], "VisionZip shrinks the vision tower's output"),
     ]:
         with pytest.raises(SystemExit):
             parse_args(argv)
