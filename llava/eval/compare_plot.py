@@ -10,8 +10,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 WIDTH, HEIGHT, MARGIN = 900, 600, 80
-COLOURS = {"dense": (0, 0, 0), "fastv": (31, 119, 180), "pdrop": (255, 127, 14), "random": (127, 127, 127),
-           "uniform": (44, 160, 44), "p-MoD": (214, 39, 40)}
+RIGHT_MARGIN = 200  # room for the labels of the points at the right edge (dense sits at 1.0)
+COLOURS = {"dense": (0, 0, 0), "fastv": (31, 119, 180), "pdrop": (255, 127, 14), "visionzip": (148, 103, 189),
+           "random": (127, 127, 127), "uniform": (44, 160, 44), "p-MoD": (214, 39, 40)}
 
 
 def family(name: str) -> str:
@@ -24,7 +25,7 @@ def plot_accuracy_vs_tflops(runs, path: Path) -> Path:
               if run.tflops_ratio is not None and run.mean_score is not None]
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
-    left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN // 2, HEIGHT - MARGIN
+    left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - RIGHT_MARGIN, HEIGHT - MARGIN
     draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
     draw.text((WIDTH // 2 - 110, HEIGHT - 30), "LLM prefill TFLOPs / dense", fill=(0, 0, 0))
     draw.text((8, top - 16), "mean accuracy", fill=(0, 0, 0))
@@ -48,7 +49,7 @@ def plot_accuracy_vs_tflops(runs, path: Path) -> Path:
             draw.text((8, py - 6), f"{y:.3g}", fill=(0, 0, 0))
         for x, y, name in points:
             px, py = to_pixel(x, y)
-            colour = COLOURS.get(family(name), (148, 103, 189))
+            colour = COLOURS.get(family(name), (140, 86, 75))
             draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=colour)
             draw.text((px + 7, py - 7), name, fill=colour)
     image.save(path)
