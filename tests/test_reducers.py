@@ -274,7 +274,8 @@ def test_load_pretrained_model_applies_the_reducer(tiny_models, dense_weights, t
 @pytest.mark.parametrize("spec", ["fastv_k2_keep0.25", "pdrop_layers2-5_lambda0.5", "uniform_keep0.5"])
 def test_accounting_equals_a_flop_counter(dense_weights, spec):
     """Batch 1, no padding: the reduced forward's matmul FLOPs (SDPA counted as a full square by torch) are
-    the accounting's, score rows included; its T_avg is the kept tokens per layer averaged."""
+    the accounting's, score rows included; its T_avg is the kept tokens per layer averaged. Some transformers
+    releases build RoPE's angles with a matmul, which the accounting leaves out: it is counted apart."""
     model = reduced(dense_weights, spec)
     n_text, n_vision = 7, 24
     embeds = torch.randn(1, n_text + n_vision, 64)
@@ -282,10 +283,12 @@ def test_accounting_equals_a_flop_counter(dense_weights, spec):
     targets[0, 3:3 + n_vision] = True
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(inputs_embeds=embeds, mod_target_mask=targets, use_cache=False)
+    with torch.no_grad(), FlopCounterMode(display=False) as rope:
+        model.model.rotary_emb(embeds, torch.arange(n_text + n_vision)[None])
     shape = ModelShape.from_config(model.config)
     report = estimate(shape, None, n_text, n_vision, lm_head_tokens=n_text + n_vision, reducer=parse_reducer(spec))
     square = sum(attention_flops(shape, cost.tokens, causal=False) - cost.attention_flops for cost in report.layers)
-    assert counter.get_total_flops() == report.total_flops + square
+    assert counter.get_total_flops() - rope.get_total_flops() == report.total_flops + square
     kept = model.model.last_routing_stats.kept_vision
     assert report.mean_vision_tokens == sum(kept.get(layer, (n_vision,))[0] for layer in range(8)) / 8
     assert report.flops_ratio < 1 and sum(cost.score_flops > 0 for cost in report.layers) == (
