@@ -240,8 +240,9 @@ def estimate(
         if schedule is not None:
             raise ValueError("give a p-MoD schedule or a reducer, not both")
         schedule = reducer.schedule(shape.num_layers)
+    merged = reducer is not None and reducer.merges_before_llm  # VisionZip: D + C tokens per tile reach the LLM
     llm_vision = n_vision
-    if reducer is not None and reducer.merges_before_llm:  # VisionZip: D + C tokens per tile reach the LLM
+    if merged:
         llm_vision = min(n_vision, reducer.tokens_per_image * (n_tiles or max(1, n_vision // CLIP_PATCH_TOKENS)))
     if n_text < 0 or n_vision < 0 or n_text + n_vision == 0:
         raise ValueError(f"need n_text >= 0, n_vision >= 0 and at least one token, got {n_text}, {n_vision}")
@@ -258,7 +259,7 @@ def estimate(
     if include_vision_tower and n_vision:
         tiles = n_tiles if n_tiles is not None else max(1, n_vision // CLIP_PATCH_TOKENS)
         tower = vision_tower_flops(vision, tiles)
-        projected = llm_vision if llm_vision != n_vision else tiles * (vision.tokens_per_tile - 1)
+        projected = llm_vision if merged else tiles * (vision.tokens_per_tile - 1)
         projector = projector_flops(vision, shape.hidden_size, projected)
     return Report(
         n_text=n_text,

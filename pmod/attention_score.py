@@ -45,9 +45,9 @@ def query_row_attention(layer: nn.Module, hidden_states: torch.Tensor, position_
     query = attention.q_proj(gather_tokens(normed, query_index)).view(batch, 1, -1, head_dim).transpose(1, 2)
     query_cos, query_sin = gather_tokens(cos, query_index)[:, None], gather_tokens(sin, query_index)[:, None]
     query = query * query_cos + rotate_half(query) * query_sin
-    keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-
-    logits = (query @ keys.transpose(-1, -2)).squeeze(2).float() * attention.scaling  # [B, H, L]
+    kv_heads = keys.shape[1]
+    grouped = query.view(batch, kv_heads, -1, head_dim)  # query head h uses key head h // (H / H_kv)
+    logits = (grouped @ keys.transpose(-1, -2)).view(batch, -1, length).float() * attention.scaling  # [B, H, L]
     after_query = torch.arange(length, device=keys_alive.device)[None] > query_index
     hidden = ~keys_alive | after_query
     return logits.masked_fill(hidden[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)

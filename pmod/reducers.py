@@ -33,6 +33,7 @@ import torch
 from pmod.schedule import RetentionSchedule, keep_count
 
 REDUCER_NAMES = ("fastv", "pdrop", "random", "uniform", "visionzip")
+REDUCER_CONFIG_KEY = "token_reducer"  # the config (text config for pmod.hf) of a reduced model names its spec
 _PART = re.compile(r"^([a-z]+)([0-9][0-9.\-]*)$")
 
 
@@ -100,10 +101,6 @@ class ReducerSpec:
             end = self.drop_layers[stage + 1] if stage + 1 < len(self.drop_layers) else num_layers
             ratios[start:end] = [ratio] * (end - start)
         return RetentionSchedule(tuple(ratios))
-
-    def stage_of(self, layer: int) -> int | None:
-        """Index of the stage that starts at ``layer`` (None: no drop there)."""
-        return self.drop_layers.index(layer) if layer in self.drop_layers else None
 
 
 def parse_reducer(spec: str) -> ReducerSpec:

@@ -23,8 +23,10 @@ class TokenReduction:
         self.selection: Selection | None = None
         self._alive = routing.valid_mask
         self._score_layers = {drop + spec.score_layer_offset: drop for drop in spec.drop_layers}
-        self._host_scores = None
-        if not spec.uses_attention:
+        self._host_scores = self._query = None
+        if spec.uses_attention:
+            self._query = last_valid_index(routing.valid_mask)  # the last prompt token ranks every stage
+        else:
             first = plans[spec.drop_layers[0]]
             scores = host_scores(spec, routing.counts.n_target, first.keep_counts)
             self._host_scores = scores.to(routing.target_mask.device, non_blocking=True)
@@ -35,8 +37,7 @@ class TokenReduction:
             return
         target = self.routing.target_mask
         if self.spec.uses_attention:
-            query = last_valid_index(self.routing.valid_mask)
-            scores = query_row_attention(layer, hidden, position_embeddings, self._alive, query)
+            scores = query_row_attention(layer, hidden, position_embeddings, self._alive, self._query)
         else:
             ordinal = (target.long().cumsum(dim=1) - 1).clamp(min=0, max=self._host_scores.shape[1] - 1)
             scores = self._host_scores.gather(1, ordinal)

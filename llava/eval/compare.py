@@ -180,12 +180,11 @@ def time_prefills(runs: list[Run], device: str | None, repeats: int) -> None:
 
     device = torch.device(device or ("cuda" if _cuda() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = {}
+    checkpoint = loaded = None
     for run in runs:
-        if run.checkpoint not in loaded:
-            loaded.clear()
-            loaded[run.checkpoint] = load_pretrained_model(run.checkpoint, device=str(device), dtype=dtype)
-        tokenizer, model, image_processor, _ = loaded[run.checkpoint]
+        if run.checkpoint != checkpoint:  # one checkpoint in memory at a time
+            checkpoint, loaded = run.checkpoint, load_pretrained_model(run.checkpoint, device=str(device), dtype=dtype)
+        tokenizer, model, image_processor, _ = loaded
         if run.reducer:
             model = apply_reducer(model, run.reducer)
         inputs = _one_image_prompt(model, tokenizer, image_processor, device, dtype)

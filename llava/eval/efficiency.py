@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from pmod.accounting import ModelShape, estimate
-from pmod.reducers import parse_reducer
+from pmod.reducers import REDUCER_CONFIG_KEY, parse_reducer
 from pmod.schedule import schedule_from_config
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class EfficiencyLog:
         """`tile_tokens`: patch tokens of one tile of the vision tower, which VisionZip's records cost against."""
         self.tile_tokens = tile_tokens
         self.shape = ModelShape.from_config(config)
-        reducer = getattr(config, "token_reducer", None)
+        reducer = getattr(config, REDUCER_CONFIG_KEY, None)
         self.reducer = parse_reducer(reducer) if reducer else None
         self.schedule = schedule_from_config(config)
         self.kv_dtype = _KV_DTYPES.get(dtype, "float16")

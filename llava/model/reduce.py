@@ -14,9 +14,7 @@ from llava.mm_utils import is_anyres
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM, LlavaLlamaModel
 from llava.model.language_model.pmod_llama import PmodLlavaLlamaForCausalLM, PmodLlavaLlamaModel
 from llava.model.visionzip import visionzip_features
-from pmod.reducers import ReducerSpec, parse_reducer
-
-REDUCER_CONFIG_KEY = "token_reducer"
+from pmod.reducers import REDUCER_CONFIG_KEY, ReducerSpec, parse_reducer
 
 
 class ReducedLlavaLlamaModel(PmodLlavaLlamaModel):

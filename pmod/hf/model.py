@@ -22,7 +22,7 @@ from pmod.cache import PmodCache
 from pmod.hf.families import PMOD_PREFIX, base_architecture, text_layers, visual_token_ids
 from pmod.hf.layers import PmodState, make_pmod_layer
 from pmod.hf_compat import cache_kwargs, pop_cache
-from pmod.reducers import ReducerSpec, parse_reducer
+from pmod.reducers import REDUCER_CONFIG_KEY, ReducerSpec, parse_reducer
 from pmod.routing import TokenRouter, zero_linear
 from pmod.session import ForwardSession, check_mask_width, routing_inputs
 from pmod.settings import MOD_CONFIG_KEYS, validate_mod_config
@@ -144,7 +144,7 @@ def apply_reducer(model, spec: str | ReducerSpec):
     if schedule.is_mod(0):
         raise ValueError(f"reducer {spec.name}: transformers' VLMs keep layer 0 dense (masks and positions are sized "
                          "by layer 0's cache); start it at layer 1 or later (e.g. _layer1)")
-    text_config.token_reducer = spec.name
+    setattr(text_config, REDUCER_CONFIG_KEY, spec.name)
     text_config.mod_target_layer_indices = list(schedule.mod_layers)  # the layers PmodCache keeps compact
     state = PmodState()
     for layer in list(text_layers(model))[first:]:
