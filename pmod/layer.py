@@ -8,6 +8,11 @@ Per-token update (the official math, "STRing" reweighting with w = norm(router l
     kept text token        y = x + Attn(x) + MLP(x + Attn(x))
     skipped vision token   y = w * x
     padding                y = x
+
+The kept tokens run as a right-padded ``[B, Lk_max, D]`` batch when the layer fills a cache (the compact
+cache stores that layout) or when every sample keeps as many tokens; otherwise as one packed ``[1, sum Lk, D]``
+row, so projections, MLP and attention pay only for real tokens, and the result is written back in one
+``index_copy``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from pmod.packing import PACKING_KWARG, TokenRows, packed_attention_for
 from pmod.routing import LayerPlan, Selection, TokenRouter, gather_tokens, select_tokens
 from pmod.weight_norm import WeightNorm
 
@@ -37,6 +43,7 @@ class LayerRouting:
     valid_mask: torch.Tensor  # [B, L] bool
     compact_attention_mask: torch.Tensor | None  # mask for the compact sequence, in the back-end's format
     selection: Selection | None = None  # chosen by a training-free reducer (p-MoD layers choose their own)
+    rows: TokenRows | None = None  # set when the kept tokens run packed (the plan then has ``packed``)
 
 
 class PmodDecoderLayer(GradientCheckpointingLayer):
@@ -81,6 +88,21 @@ def routed_forward(layer: nn.Module, router: TokenRouter | None, weight_norm: We
     With a router: p-MoD, the layer picks its tokens and reweights them (STRing). Without (``router`` None): a
     training-free reducer, which takes ``routing.selection`` as chosen for it and leaves every weight at 1.
     """
+    if routing.rows is not None:
+        output = _packed_forward(layer, router, weight_norm, hidden_states, routing, position_embeddings, **kwargs)
+    else:
+        output = _padded_forward(layer, router, weight_norm, hidden_states, routing, position_embeddings, use_cache,
+                                 **kwargs)
+    if finite_checks_enabled() and not torch.isfinite(output).all():
+        raise FloatingPointError(
+            f"p-MoD layer {layer.self_attn.layer_idx} produced NaN/Inf (dtype {hidden_states.dtype}); "
+            "try float32 or bfloat16"
+        )
+    return output
+
+
+def _padded_forward(layer, router, weight_norm, hidden_states, routing: LayerRouting, position_embeddings,
+                    use_cache: bool, **kwargs) -> torch.Tensor:
     if router is None:
         selection, mlp_scale = routing.selection, None
     else:
@@ -108,10 +130,32 @@ def routed_forward(layer: nn.Module, router: TokenRouter | None, weight_norm: We
         skipped = hidden_states * mlp_scale.unsqueeze(-1)
 
     processed = gather_tokens(compact_out, selection.full_to_compact)
-    output = torch.where(selection.kept.unsqueeze(-1), processed, skipped)
-    if finite_checks_enabled() and not torch.isfinite(output).all():
-        raise FloatingPointError(
-            f"p-MoD layer {layer.self_attn.layer_idx} produced NaN/Inf (dtype {hidden_states.dtype}); "
-            "try float32 or bfloat16"
-        )
-    return output
+    return torch.where(selection.kept.unsqueeze(-1), processed, skipped)
+
+
+def _packed_forward(layer, router, weight_norm, hidden_states, routing: LayerRouting, position_embeddings,
+                    **kwargs) -> torch.Tensor:
+    """The kept tokens of every sample as one packed row; selection still ranks within each sample's row."""
+    rows, plan = routing.rows, routing.plan
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if router is None:
+        selection, scale = routing.selection, None
+    else:
+        logits = rows.to_rows(router(flat))
+        weights = weight_norm(logits, routing.target_mask)
+        selection = select_tokens(logits, routing.target_mask, routing.valid_mask, plan)
+        scale = rows.to_flat(torch.where(routing.target_mask, weights, weights.new_ones(()))).to(flat.dtype)
+    kept = (selection.compact_index + rows.row_offsets[:, None]).reshape(-1)[plan.packed.slots]
+    compact = flat[kept][None]
+    batch = hidden_states.shape[0]
+    rope = tuple(t.expand(batch, *t.shape[1:]).reshape(-1, t.shape[-1])[kept][None] for t in position_embeddings)
+    kwargs[PACKING_KWARG] = plan.packed.sequences
+    with packed_attention_for(layer.self_attn.config):
+        attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(compact), attention_mask=None,
+                                      position_embeddings=rope, use_cache=False, **kwargs)
+    residual = compact + attn_out
+    mlp_out = layer.mlp(layer.post_attention_layernorm(residual))
+    if scale is None:
+        return flat.index_copy(0, kept, (residual + mlp_out)[0]).view_as(hidden_states)
+    processed = residual + mlp_out * scale[kept].unsqueeze(-1)
+    return (flat * scale.unsqueeze(-1)).index_copy(0, kept, processed[0]).view_as(hidden_states)

@@ -9,10 +9,12 @@ pure device work (top-k, cumsum, gather) with no device-to-host synchronisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import nn
 
+from pmod.packing import PackedSequences
 from pmod.schedule import RetentionSchedule
 
 
@@ -59,6 +61,14 @@ class TokenCounts:
 
 
 @dataclass(frozen=True)
+class PackedKept:
+    """A layer's kept tokens as one packed row: which slots of the ``[B, Lk_max]`` compact grid are real."""
+
+    slots: torch.Tensor  # [sum Lk] long: b * Lk_max + j for every real compact slot, in sample order
+    sequences: PackedSequences  # the kept lengths
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """What one p-MoD layer keeps for one batch; host ints for shapes, device tensors for masks."""
 
@@ -67,28 +77,44 @@ class LayerPlan:
     kept_lengths: tuple[int, ...]  # per sample: valid text tokens + kept vision tokens
     max_kept_length: int
     kept_lengths_tensor: torch.Tensor  # [B] the same, on the device
+    packed: PackedKept | None = None  # set when the layer runs its kept tokens packed
 
     @property
     def max_keep(self) -> int:
         return max(self.keep_counts)
 
 
+def _packed_kept_host(lengths: tuple[int, ...]) -> list[torch.Tensor]:
+    width = max(lengths)
+    slots = torch.cat([torch.arange(n) + row * width for row, n in enumerate(lengths)])
+    return [slots, torch.tensor((0, *accumulate(lengths)))]
+
+
 def build_layer_plans(
-    schedule: RetentionSchedule, counts: TokenCounts, device: torch.device
+    schedule: RetentionSchedule, counts: TokenCounts, device: torch.device, packed: bool = False
 ) -> dict[int, LayerPlan]:
-    """Keep counts of every p-MoD layer for a batch, with a single host-to-device copy."""
+    """Keep counts of every p-MoD layer for a batch (and, when ``packed``, each layer's packed row), with a
+    single host-to-device copy."""
     layers = schedule.mod_layers
     keep_rows = [[schedule.keep_count(layer, n) for n in counts.n_target] for layer in layers]
     if not layers:
         return {}
     n_text = [valid - target for valid, target in zip(counts.n_valid, counts.n_target)]
-    host = torch.tensor([n_text] + keep_rows, dtype=torch.long)
-    on_device = host.to(device, non_blocking=True)
-    text_tensor, keep_all = on_device[0], on_device[1:]
+    lengths_rows = [tuple(t + k for t, k in zip(n_text, keep)) for keep in keep_rows]
+    parts = [torch.tensor([n_text] + keep_rows, dtype=torch.long).flatten()]
+    if packed:
+        parts += [part for lengths in lengths_rows for part in _packed_kept_host(lengths)]
+    on_device = torch.cat(parts).to(device, non_blocking=True).split([part.numel() for part in parts])
+    table = on_device[0].view(len(layers) + 1, -1)
+    text_tensor, keep_all = table[0], table[1:]
     plans = {}
-    for row, (layer, keep) in enumerate(zip(layers, keep_rows)):
-        lengths = tuple(t + k for t, k in zip(n_text, keep))
-        plans[layer] = LayerPlan(keep_all[row], tuple(keep), lengths, max(lengths), text_tensor + keep_all[row])
+    for row, (layer, keep, lengths) in enumerate(zip(layers, keep_rows, lengths_rows)):
+        packed_kept = None
+        if packed:
+            slots, offsets = on_device[1 + 2 * row], on_device[2 + 2 * row]
+            packed_kept = PackedKept(slots, PackedSequences(lengths, offsets.to(torch.int32)))
+        plans[layer] = LayerPlan(keep_all[row], tuple(keep), lengths, max(lengths), text_tensor + keep_all[row],
+                                 packed_kept)
     return plans
 
 

@@ -5,6 +5,10 @@ A model with p-MoD layers (our LLaVA class, or a transformers-native VLM through
 one host-to-device copy) and one compact causal mask per kept length; after prefill it builds one mask per
 kept-length pattern for the compact cache layers, on the device with no host read. ``finish()`` records in
 the :class:`PmodCache` what later steps need.
+
+Without a cache to fill (training, a forward without ``use_cache``), routed layers run their kept tokens
+packed when samples keep different numbers of tokens, and always when the input itself is packed
+(``--packing``); the plans then carry each layer's packed row, built in the same host-to-device copy.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from transformers.masking_utils import create_causal_mask
 from pmod.cache import PmodCache
 from pmod.hf_compat import cache_kwargs
 from pmod.layer import LayerRouting
+from pmod.packing import TokenRows
 from pmod.reducers import ReducerSpec
 from pmod.reduction import TokenReduction
 from pmod.routing import LayerPlan, TokenCounts, build_layer_plans
@@ -65,6 +70,24 @@ def routing_inputs(cache, past_length: int, length: int, target_mask: torch.Tens
     return RoutingInputs(target_mask, valid_mask, counts)
 
 
+def packed_routing_inputs(target_mask: torch.Tensor, rows: TokenRows, counts: TokenCounts | None) -> RoutingInputs:
+    """Routing inputs of a packed ``[1, sum L]`` input, in the ``[B, W]`` row view that selection ranks in."""
+    target_rows = rows.to_rows(target_mask.reshape(-1).bool()) & rows.valid
+    if counts is None or len(counts.n_target) != target_rows.shape[0]:
+        counts = TokenCounts.from_masks(target_rows, rows.valid)
+    return RoutingInputs(target_rows, rows.valid, counts)
+
+
+def packs_kept_tokens(counts: TokenCounts, cache, input_rows: TokenRows | None) -> bool:
+    """Packed kept tokens pay off when samples keep different numbers of tokens; a cache needs the padded
+    layout, and a packed input needs packed layers."""
+    if input_rows is not None:
+        return True
+    if cache is not None:
+        return False
+    return len(set(counts.n_valid)) > 1 or len(set(counts.n_target)) > 1
+
+
 def check_mask_width(attention_mask, cache, past_length: int, length: int) -> None:
     """Compact layers read the tokens added after prefill from the end of a full-sequence attention mask."""
     if attention_mask is None or attention_mask.ndim != 2 or not isinstance(cache, PmodCache) or past_length == 0:
@@ -81,16 +104,21 @@ class ForwardSession:
 
     def __init__(self, config, schedule: RetentionSchedule | None, cache, attention_mask: torch.Tensor | None,
                  hidden: torch.Tensor, past_length: int, routing: RoutingInputs | None,
-                 reducer: ReducerSpec | None = None):
+                 reducer: ReducerSpec | None = None, input_rows: TokenRows | None = None):
+        """``input_rows``: the row maps of a packed input (``routing`` is then in row view)."""
         self.config = config
         self.cache = cache if isinstance(cache, PmodCache) else None
         self.attention_mask = attention_mask
         self.batch, self.length = hidden.shape[:2]
         self.past_length = past_length
         self.routing = routing
-        self.plans: dict[int, LayerPlan] = (
-            build_layer_plans(schedule, routing.counts, hidden.device) if routing is not None else {}
-        )
+        self.rows: TokenRows | None = None
+        self.plans: dict[int, LayerPlan] = {}
+        if routing is not None:
+            packed = packs_kept_tokens(routing.counts, cache, input_rows)
+            self.plans = build_layer_plans(schedule, routing.counts, hidden.device, packed=packed)
+            if packed:
+                self.rows = input_rows or TokenRows.padded(self.batch, self.length, hidden.device)
         self._like = hidden
         self._prefill_masks: dict[int, object] = {}  # by compact length (caches are empty at prefill)
         self._cached_masks: dict[tuple, object] = {}  # by kept-length pattern
@@ -106,13 +134,15 @@ class ForwardSession:
         plan = self.plans.get(index)
         if plan is None:
             return None
+        selection = self.reduction.selection if self.reduction is not None else None
+        if self.rows is not None:
+            return LayerRouting(plan, self.routing.target_mask, self.routing.valid_mask, None, selection, self.rows)
         if plan.max_kept_length not in self._prefill_masks:
             self._prefill_masks[plan.max_kept_length] = create_causal_mask(
                 config=self.config, inputs_embeds=self._like.new_empty(self.batch, plan.max_kept_length, 0),
                 attention_mask=None, position_ids=None, layer_idx=index, **cache_kwargs(self.cache),
             )
         mask = self._prefill_masks[plan.max_kept_length]
-        selection = self.reduction.selection if self.reduction is not None else None
         return LayerRouting(plan, self.routing.target_mask, self.routing.valid_mask, mask, selection)
 
     def routed(self, index: int) -> None:

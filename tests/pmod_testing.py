@@ -30,10 +30,11 @@ def tiny_config_kwargs(vision_tower: str | None, num_layers: int = 8, **override
 
 
 def build_pmod(vision_tower: str | None, num_layers: int = 8, schedule: str = "shiftedcos_decay_0.85_0.15",
-               factor: float = 0.5, special_init: bool = False, seed: int = 0, **overrides):
+               factor: float = 0.5, special_init: bool = False, seed: int = 0, weight_norm: str = "tanh_0.2_1",
+               **overrides):
     config = PmodLlavaConfig(**tiny_config_kwargs(
         vision_tower, num_layers, mod_target_layers=schedule, mod_router_factor=factor,
-        mod_weight_norm="tanh_0.2_1", mod_bias_enabled=True, mod_special_init=special_init,
+        mod_weight_norm=weight_norm, mod_bias_enabled=True, mod_special_init=special_init,
         mod_target_token_type="vision_all", **overrides,
     ))
     torch.manual_seed(seed)

@@ -20,6 +20,7 @@ from llava.mm_utils import is_anyres
 from llava.model.anyres_merge import merge_anyres_features
 from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
+from pmod.packing import PackedSequences
 from pmod.routing import TokenCounts
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class MultimodalInputs:
     labels: torch.Tensor | None  # [B, L]
     target_mask: torch.Tensor  # [B, L] bool: tokens p-MoD may route (per mod_target_token_type)
     counts: TokenCounts
+    packing: PackedSequences | None = None  # set when the samples are packed into one row ([1, sum L])
 
 
 @dataclass
@@ -142,8 +144,10 @@ class LlavaMetaForCausalLM:
         images,
         image_sizes=None,
         padding_side: str | None = None,
+        pack: bool = False,
     ) -> MultimodalInputs:
-        """Replace every IMAGE_TOKEN_INDEX by its image's features; re-pad; truncate to the context length.
+        """Replace every IMAGE_TOKEN_INDEX by its image's features; re-pad (or, with ``pack``, concatenate into
+        one row); truncate to the context length.
 
         Images are consumed in batch order, one per image token; a sample without image tokens consumes one
         (dummy) image without inserting it, so every rank always runs the vision path (ZeRO-3 needs that).
@@ -207,9 +211,12 @@ class LlavaMetaForCausalLM:
         if next_image != len(image_features):
             raise ValueError(f"the batch has {len(image_features)} images but consumed only {next_image}")
         sequences, label_rows, target_rows = self._truncate(sequences, label_rows, target_rows)
-        prepared = _pad_batch(
-            sequences, label_rows, target_rows, padding_side or getattr(config, "tokenizer_padding_side", "right")
-        )
+        if pack:
+            prepared = _pack_batch(sequences, label_rows, target_rows)
+        else:
+            prepared = _pad_batch(
+                sequences, label_rows, target_rows, padding_side or getattr(config, "tokenizer_padding_side", "right")
+            )
         self.last_token_counts = prepared.counts
         return prepared
 
@@ -254,3 +261,20 @@ def _pad_batch(sequences, label_rows, target_rows, padding_side: str) -> Multimo
             labels[row, span] = label_rows[row]
     n_target = tuple(targets.sum(dim=1).tolist())
     return MultimodalInputs(embeds, mask, positions, labels, targets, TokenCounts(n_target, tuple(lengths)))
+
+
+def _pack_batch(sequences, label_rows, target_rows) -> MultimodalInputs:
+    """All samples in one row, each with positions from 0. The first label of every sample is ignored: the
+    loss's shift would otherwise have the last token of a sample predict the first of the next."""
+    lengths = [seq.shape[0] for seq in sequences]
+    device = sequences[0].device
+    embeds = torch.cat(sequences)[None]
+    labels = None
+    if label_rows[0] is not None:
+        labels = torch.cat([torch.cat([row.new_full((1,), IGNORE_INDEX), row[1:]]) for row in label_rows])[None]
+    targets = torch.cat(target_rows)[None]
+    packing = PackedSequences.from_lengths(lengths, device)
+    mask = torch.ones(1, packing.total, dtype=torch.bool, device=device)
+    n_target = tuple(int(n) for n in torch.stack([row.sum() for row in target_rows]).tolist())
+    return MultimodalInputs(embeds, mask, packing.position_ids(device), labels, targets,
+                            TokenCounts(n_target, tuple(lengths)), packing)

@@ -9,6 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel, MultimodalInputs
 from pmod.hf_compat import cache_kwargs, one_cache, pop_cache
+from pmod.packing import PACKING_KWARG, check_packed_attention, enable_packed_attention
 
 
 class LlavaConfig(LlamaConfig):
@@ -37,6 +38,14 @@ def build_causal_lm(head: LlamaForCausalLM, config, model_class) -> None:
 class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
     """forward/generate that accept ``images`` and ``image_sizes`` next to ``input_ids`` (LLaVA's interface)."""
 
+    pack_sequences = False  # set by enable_sequence_packing: batches with labels run as one packed row
+
+    def enable_sequence_packing(self) -> None:
+        """Padding-free training (``--packing``): a batch with labels runs as one row of its samples, after image
+        expansion; attention keeps the samples apart (``pmod.packing``)."""
+        enable_packed_attention(self.config)
+        self.pack_sequences = True
+
     def routing_inputs(self, prepared: MultimodalInputs) -> dict:
         """Extra forward kwargs derived from prepared inputs; p-MoD passes its routing targets here."""
         return {}
@@ -59,10 +68,16 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
         """LlamaForCausalLM's forward plus ``images``/``image_sizes``; the cache may come as ``cache`` or
         ``past_key_values`` and is passed on under the name the installed transformers uses."""
         if inputs_embeds is None and images is not None:
-            prepared = self.prepare_multimodal_inputs(input_ids, attention_mask, labels, images, image_sizes)
+            pack = self.pack_sequences and labels is not None
+            prepared = self.prepare_multimodal_inputs(input_ids, attention_mask, labels, images, image_sizes,
+                                                      pack=pack)
             input_ids, inputs_embeds = None, prepared.inputs_embeds
             attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
             kwargs.update(self.routing_inputs(prepared))
+            if prepared.packing is not None:
+                check_packed_attention(self.config)
+                kwargs[PACKING_KWARG] = prepared.packing
+                use_cache = False
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             position_ids = positions_from_mask(attention_mask, length)

@@ -25,10 +25,11 @@ from llava.model.llava_arch import MultimodalInputs
 from pmod.cache import PmodCache
 from pmod.hf_compat import cache_kwargs, one_cache
 from pmod.layer import PmodDecoderLayer, routed_forward
+from pmod.packing import PACKING_KWARG, TokenRows, check_packed_attention
 from pmod.reducers import ReducerSpec
 from pmod.routing import TokenCounts, TokenRouter, zero_linear
 from pmod.schedule import RetentionSchedule
-from pmod.session import ForwardSession, check_mask_width, routing_inputs
+from pmod.session import ForwardSession, check_mask_width, packed_routing_inputs, routing_inputs
 from pmod.settings import MOD_CONFIG_KEYS, validate_mod_config
 from pmod.weight_norm import parse_weight_norm
 
@@ -103,36 +104,48 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
     ) -> BaseModelOutputWithPast:
         """LlamaModel's forward; ``mod_target_mask`` (with an empty cache) routes the marked tokens.
 
-        The cache may come as ``cache`` (transformers >= 5.24) or ``past_key_values``.
+        The cache may come as ``cache`` (transformers >= 5.24) or ``past_key_values``. A packed input (one row of
+        several samples, ``pmod_packing`` = their :class:`pmod.packing.PackedSequences`) runs without a cache.
         """
         cache = one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         length = hidden.shape[1]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        packing = kwargs.get(PACKING_KWARG)
+        use_cache = (self.config.use_cache if use_cache is None else use_cache) and packing is None
         if use_cache and cache is None:
             cache = PmodCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
         check_mask_width(attention_mask, cache, past_length, length)
+
+        routing = input_rows = None
+        if packing is not None:
+            if cache is not None or self.reducer is not None:
+                raise ValueError("a packed input runs without a cache and without a training-free reducer")
+            check_packed_attention(self.config)
+            input_rows = TokenRows.packed(packing, hidden.device)
+            if position_ids is None:
+                position_ids = packing.position_ids(hidden.device)
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 position_ids = positions_from_mask(attention_mask, length)
             else:
                 position_ids = torch.arange(past_length, past_length + length, device=hidden.device)[None]
-
-        routing = None
         if mod_target_mask is not None and self.schedule is not None:
-            routing = routing_inputs(cache, past_length, length, mod_target_mask, attention_mask, token_counts)
+            if input_rows is not None:
+                routing = packed_routing_inputs(mod_target_mask, input_rows, token_counts)
+            else:
+                routing = routing_inputs(cache, past_length, length, mod_target_mask, attention_mask, token_counts)
         session = ForwardSession(self.config, self.schedule, cache, attention_mask, hidden, past_length, routing,
-                                 self.reducer)
+                                 self.reducer, input_rows)
         if session.plans:
             self.last_routing_stats = RoutingStats(
                 routing.counts.n_target, {i: plan.keep_counts for i, plan in session.plans.items()}
             )
         routed_layers = set(self.schedule.mod_layers) if self.schedule is not None else set()
         dense_layer = next((i for i in range(self.config.num_hidden_layers) if i not in routed_layers), None)
-        dense_mask = None if dense_layer is None else create_causal_mask(
+        dense_mask = None if dense_layer is None or packing is not None else create_causal_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
             layer_idx=dense_layer, **cache_kwargs(cache),
         )
