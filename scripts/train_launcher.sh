@@ -53,6 +53,7 @@ GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}
 NUM_WORKERS=${NUM_WORKERS:-4}
 REPORT_TO=${REPORT_TO:-none}
 ATTN_IMPL=${ATTN_IMPL:-auto}
+PACKING=${PACKING:-False}
 read -r -a precision_flags <<< "$PRECISION_FLAGS"
 common_flags=(
     "${precision_flags[@]}"
@@ -77,6 +78,7 @@ common_flags=(
     --lazy_preprocess True
     --report_to "$REPORT_TO"
     --attn_implementation "$ATTN_IMPL"
+    --packing "$PACKING"
 )
 
 # DeepSpeed config: the stage's default with the deepspeed launcher, none with the others unless DS_CONFIG is set.

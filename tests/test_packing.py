@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pmod_testing import build_pmod, dense_twin, images_for, mixed_prompts, right_padded
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from pmod.packing import (
@@ -18,7 +19,6 @@ from pmod.packing import (
     packed_attention,
     packed_kernel_name,
 )
-from pmod_testing import build_pmod, dense_twin, images_for, mixed_prompts, right_padded
 
 ATOL = 2e-5
 

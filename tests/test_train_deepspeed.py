@@ -45,6 +45,31 @@ def test_finetune_with_deepspeed_two_ranks(tiny_models, tiny_dataset, tmp_path, 
     assert weights["model.mm_projector.0.weight"].numel() > 0
 
 
+@pytest.mark.parametrize("zero_config, port", [("scripts/zero2.json", 29604), ("scripts/zero3.json", 29605)])
+def test_pmod_packing_with_deepspeed_two_ranks(tiny_models, tiny_dataset, tmp_path, zero_config, port):
+    """``PACKING=True`` through scripts/finetune_pmod.sh: p-MoD, padding-free batches of 2 per rank, gradient
+    checkpointing, ZeRO sharding; the routers train and the saved weights are whole."""
+    output_dir = tmp_path / "ds-packed"
+    env = tiny_script_env(
+        tiny_models, tiny_dataset, output_dir, LAUNCHER="deepspeed", NUM_GPUS=2, DS_CONFIG=zero_config,
+        DATA_PATH=tiny_dataset.instruct_json, PRETRAIN_ADAPTER="", GLOBAL_BATCH=4, PER_DEVICE_BATCH=2,
+        GRADIENT_CHECKPOINTING="True", PACKING="True", OMP_NUM_THREADS=1, MASTER_PORT=port,
+        PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]),
+    )
+    result = run_command(["bash", "scripts/finetune_pmod.sh"], env=env, timeout=900)
+    assert "--packing: every batch runs as one row of its samples (attention pmod_packed_sdpa)" in result.stderr
+
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert all(entry["loss"] > 0 for entry in state["log_history"] if "loss" in entry)
+    weights = load_file(output_dir / "model.safetensors")
+    routers = [key for key in weights if key.endswith("router.router.weight")]
+    assert routers and any(weights[key].abs().sum() > 0 for key in routers), "zero-initialised routers never trained"
+    base = load_file(f"{tiny_models.llm}/model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert weights[key].shape == base[key].shape and not torch.equal(weights[key], base[key])
+
+
 def start_node(env, node_rank):
     return subprocess.Popen(["bash", "scripts/finetune.sh"], cwd=REPO_ROOT, env={**env, "NODE_RANK": str(node_rank)},
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -203,3 +203,26 @@ def test_train_mem_entry_trains_the_unfrozen_tower(tiny_models, tiny_dataset, tm
     config = json.loads((output_dir / "config.json").read_text())
     assert config["unfreeze_mm_vision_tower"] is True and config["mm_vision_tower_lr"] == 1e-3
 
+
+
+def test_packing_trains_with_the_padded_losses(tiny_models, tiny_dataset, tmp_path):
+    """``--packing True`` (p-MoD, gradient checkpointing, batch 4 of mixed image and text-only samples) logs the
+    losses of the padded run step by step and saves a checkpoint that loads and generates."""
+    pmod = dict(mod_target_layers="shiftedcos_decay_0.85_0.15", mod_router_factor=0.5, mod_weight_norm="tanh_0.2_1",
+                per_device_train_batch_size=4, gradient_checkpointing=True, max_steps=3)
+    run_train(stage2_flags(tiny_models, tiny_dataset, tmp_path / "padded", **pmod))
+    run_train(stage2_flags(tiny_models, tiny_dataset, tmp_path / "packed", **pmod, packing=True))
+    padded, packed = log_losses(tmp_path / "padded"), log_losses(tmp_path / "packed")
+    assert sorted(packed) == [1, 2, 3]
+    for step, loss in padded.items():
+        assert packed[step] == pytest.approx(loss, rel=1e-4, abs=1e-5)
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())
+    assert "pmod_packed" not in json.dumps(config)
+    _, output = generate_once(tmp_path / "packed")
+    assert output.shape[1] >= 1
+
+
+def test_packing_flag_needs_a_packable_attention(tiny_models, tiny_dataset, tmp_path):
+    result = run_train(stage2_flags(tiny_models, tiny_dataset, tmp_path / "eager", packing=True,
+                                    attn_implementation="eager"), expect_success=False)
+    assert "--packing True needs --attn_implementation sdpa" in result.stderr

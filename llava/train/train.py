@@ -113,6 +113,9 @@ class TrainingArguments(transformers.TrainingArguments):
     mm_projector_lr: float | None = None
     mm_vision_tower_lr: float | None = None
     group_by_modality_length: bool = False
+    packing: bool = field(default=False, metadata={
+        "help": "padding-free batches: the samples of a batch run as one row after image expansion, and p-MoD "
+                "layers run their kept tokens packed (needs sdpa or flash_attention_2)"})
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2, or auto (flash-attn when installed)"}
     )
@@ -156,6 +159,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ValueError(f"--version {model_args.version!r} is not a known conversation template: {err}") from err
     _check_choice("--attn_implementation", training_args.attn_implementation, ATTN_IMPLEMENTATIONS)
     _check_choice("--lora_bias", training_args.lora_bias, LORA_BIASES)
+    if training_args.packing and training_args.attn_implementation == "eager":
+        raise ValueError("--packing True needs --attn_implementation sdpa, flash_attention_2 or auto, not eager")
     _check_bits(training_args.bits)
     if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
         raise ValueError("--tune_mm_mlp_adapter (stage 1) trains the projector only; it cannot be combined with --lora_enable")
@@ -299,6 +304,10 @@ def build_model(model_args, data_args, training_args, compute_dtype, llm_config)
         configure_multimodal(model, vision_tower, model_args, data_args, training_args)
     if model_args.mod_enabled:
         model.get_model().initialize_mod_modules(model_args)
+    if training_args.packing:
+        model.enable_sequence_packing()
+        logger.info("--packing: every batch runs as one row of its samples (attention %s)",
+                    model.config._attn_implementation)
     return model
 
 
@@ -436,6 +445,7 @@ def train(argv=None) -> None:
 
     compute_dtype = compute_dtype_of(training_args)
     tokenizer = build_tokenizer(model_args, training_args)
+    transformers.set_seed(training_args.seed)  # the new modules' initial weights (projector, routers) follow --seed
     model = build_model(model_args, data_args, training_args, compute_dtype, llm_config)
     configure_trainable(model, model_args, training_args)
     if training_args.lora_enable:

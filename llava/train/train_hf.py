@@ -78,6 +78,9 @@ def parse_args(argv=None):
         parse_weight_norm(model_args.mod_weight_norm)
     if training_args.group_by_modality_length:
         raise ValueError("--group_by_modality_length is not supported by llava.train.train_hf")
+    if training_args.packing:
+        raise ValueError("--packing True is built for the LLaVA models (llava.train.train); llava.train.train_hf "
+                         "trains transformers' own VLMs on padded batches")
     return model_args, data_args, training_args
 
 
