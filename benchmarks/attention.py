@@ -1,8 +1,8 @@
 """Padded vs packed layout for a p-MoD layer's kept tokens, on one stock decoder layer, batch 8, uneven lengths.
 
-The model runs each p-MoD layer on a right-padded ``[B, Lk_max, D]`` batch with causal SDPA: projections, MLP
-and attention all pay for the padding. A packed ``[1, sum Lk, D]`` layout pays only for real tokens but needs
-attention that keeps samples apart. The stock layer's ``self_attn`` is reused unchanged; only its attention
+A right-padded ``[B, Lk_max, D]`` batch with causal SDPA (what a p-MoD layer does when it fills a cache) pays
+for the padding in projections, MLP and attention. A packed ``[1, sum Lk, D]`` layout (what the layer does
+without a cache, ``pmod.packing``) pays only for real tokens but needs attention that keeps samples apart. The stock layer's ``self_attn`` is reused unchanged; only its attention
 function is swapped (transformers' ``AttentionInterface``) for:
 
 * ``packed, per-sample SDPA``: one causal SDPA call per sample on host-known offsets (any device);
@@ -14,18 +14,17 @@ function is swapped (transformers' ``AttentionInterface``) for:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from benchmarks.models import ModelPair
 from benchmarks.timing import measure
 from pmod.accounting import ModelShape, attention_flops, linear_flops
+from pmod.packing import KERNELS, PackedSequences
 
 logger = logging.getLogger(__name__)
 
@@ -54,32 +53,12 @@ def uneven_kept_lengths(n_text: int, n_vision: int, batch: int) -> list[int]:
     return [n_text + int(int(n_vision * f) * KEEP_RATIO) for f in fractions]
 
 
-def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, pack_offsets, **_):
-    gqa = query.shape[1] != key.shape[1]
-    pieces = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                       scale=scaling, enable_gqa=gqa)
-        for s, e in pairwise(pack_offsets)
-    ]
-    return torch.cat(pieces, dim=2).transpose(1, 2), None
+def _kernel(name: str):
+    """pmod.packing's kernel ``name`` as an attention function (the benchmark picks the kernel itself)."""
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, pack_sequences, **_):
+        return KERNELS[name](query, key, value, pack_sequences, 0.0, scaling), None
 
-
-def _packed_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, pack_cu_seqlens,
-                   pack_max_length, **_):
-    from torch.nn.attention.varlen import varlen_attn
-
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    parameters = inspect.signature(varlen_attn).parameters
-    extra = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in parameters:
-            extra["enable_gqa"] = True
-        else:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    out = varlen_attn(q, k, v, pack_cu_seqlens, pack_cu_seqlens, pack_max_length, pack_max_length, scale=scaling,
-                      **extra)
-    return out[None], None
+    return attention
 
 
 def _packed_flex(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, pack_block_mask,
@@ -90,8 +69,8 @@ def _packed_flex(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 
 ATTENTION_FUNCTIONS = {
-    "pmod_bench_packed_sdpa": _packed_sdpa,
-    "pmod_bench_packed_varlen": _packed_varlen,
+    "pmod_bench_packed_sdpa": _kernel("per-sample SDPA"),
+    "pmod_bench_packed_varlen": _kernel("torch varlen_attn"),
     "pmod_bench_packed_flex": _packed_flex,
 }
 for _name, _function in ATTENTION_FUNCTIONS.items():
@@ -156,13 +135,13 @@ def compare_layouts(pair: ModelPair, warmup: int, repeats: int, batch: int = 8) 
                 rows.append(AttentionRow(label, total, None, None, packed_flops / padded_flops, None,
                                          f"failed: {type(error).__name__}: {str(error)[:120]}"))
 
-        add("packed [1, sum Lk, D], per-sample SDPA", "pmod_bench_packed_sdpa", pack_offsets=tuple(offsets))
+        sequences = PackedSequences.from_lengths(lengths, device)
+        add("packed [1, sum Lk, D], per-sample SDPA", "pmod_bench_packed_sdpa", pack_sequences=sequences)
         if device.type != "cuda":
             for label in ("packed, varlen_attn", "packed, flex_attention"):
                 rows.append(AttentionRow(label, total, None, None, packed_flops / padded_flops, None, "CUDA only"))
             return rows
-        cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
-        add("packed, varlen_attn", "pmod_bench_packed_varlen", pack_cu_seqlens=cu_seqlens, pack_max_length=width)
+        add("packed, varlen_attn", "pmod_bench_packed_varlen", pack_sequences=sequences)
         _add_flex(rows, add, offsets, device, warmup, repeats)
     return rows
 

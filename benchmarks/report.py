@@ -109,7 +109,29 @@ def markdown(result: dict) -> str:
               r["max_abs_diff"], r["note"]] for r in att["rows"]],
         )
         lines.append("")
+    if result.get("packing"):
+        lines += _packing_section(result["packing"])
     if result.get("sync_check"):
         lines.append(f"Sync check: {result['sync_check']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _packing_section(pack: dict) -> list[str]:
+    shares = pack["padding_share"]
+    lines = [
+        f"Training step (fwd+bwd, gradient checkpointing) on one LLaVA-mix batch of {pack['batch']} "
+        f"(benchmarks.lengths): lengths {pack['lengths']}, vision tokens {pack['vision_tokens']}. Tokens are summed "
+        "over decoder layers; real tokens are what the packed layout computes.",
+        "",
+    ]
+    lines += _table(
+        ["model", "layout", "ms", "vs dense padded", "tokens computed", "real tokens", "padding share", "loss",
+         "loss vs padded"],
+        [[r["model"], r["layout"], r["ms"], r["ratio_to_dense_padded"], r["tokens_computed"], r["real_tokens"],
+          r["padding_share"], r["loss"], f"{r['loss_diff']:.1e}"] for r in pack["rows"]],
+    )
+    lines += ["", f"Padding share of right-padded batches of {pack['batch']} from the mix: random "
+              f"{_number(shares['random'])}, LLaVA's modality-length grouping on {shares['world_size']} ranks "
+              f"{_number(shares['modality_length_grouped'])}.", ""]
+    return lines

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 logger = logging.getLogger("benchmarks")
-PARTS = ("prefill", "full", "decode", "uneven", "cache", "train", "kv", "layer", "attention")
+PARTS = ("prefill", "full", "decode", "uneven", "cache", "train", "kv", "layer", "attention", "packing")
 REDUCER_PARTS = ("prefill", "full", "decode", "uneven", "cache", "kv")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,6 +49,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, help="timed calls, median reported (default 5; 3 with --quick)")
     parser.add_argument("--decode-tokens", type=int, help="new tokens per decode run (default 32; 4 with --quick)")
     parser.add_argument("--decode-batches", default="1,8", help="comma-separated decode batch sizes")
+    parser.add_argument("--train-batch", type=int, default=8,
+                        help="samples per training step in the packing part (default 8)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: stable on a shared machine; GPU runs ignore it)")
     parser.add_argument("--check-syncs", action="store_true",
@@ -69,7 +71,7 @@ def parse_args(argv):
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    for flag in ("warmup", "repeats", "decode_tokens", "threads"):
+    for flag in ("warmup", "repeats", "decode_tokens", "threads", "train_batch"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "warmup" else 1):
             parser.error(f"--{flag.replace('_', '-')} must be {'>= 0' if flag == 'warmup' else '>= 1'}, got {value}")
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from benchmarks import attention, layer_costs, report, suite, syncs
+    from benchmarks import attention, layer_costs, packing, report, suite, syncs
     from benchmarks.hf_models import HF_PRESETS, build_hf_pair
     from benchmarks.models import build_pair, with_reducer
 
@@ -206,11 +208,14 @@ def main(argv=None) -> int:
             "lengths": attention.uneven_kept_lengths(preset.n_text, preset.n_vision, batch),
             "rows": [r.as_dict() for r in attention.compare_layouts(pair, settings.warmup, settings.repeats, batch)],
         }
+    if "packing" in parts:
+        logger.info("training step, padded vs packed, batch %d", args.train_batch)
+        result["packing"] = packing.training_layouts(pair, settings.warmup, settings.repeats, args.train_batch)
     if args.check_syncs:
         logger.info("sync check")
-        prefill, decode = syncs.check_prefill_syncs(pair), syncs.check_decode_syncs(pair)
-        result["sync_check"] = {"passed": prefill["passed"] and decode["passed"],
-                                "checked": prefill["checked"] + decode["checked"]}
+        checks = [syncs.check_prefill_syncs(pair), syncs.check_decode_syncs(pair), syncs.check_packing_syncs(pair)]
+        result["sync_check"] = {"passed": all(check["passed"] for check in checks),
+                                "checked": [item for check in checks for item in check["checked"]]}
 
     text = report.markdown(result)
     print(text)

@@ -66,3 +66,24 @@ def check_decode_syncs(pair: ModelPair, batch: int = 2, steps: int = 3) -> dict:
     cache, token = prefill_with_cache(model, inputs, is_pmod=True)
     run_layer_loop_without_syncs(model, lambda: decode_steps(model, cache, token, inputs.attention_mask, steps))
     return {"passed": True, "checked": [f"decode batch {batch} with uneven kept lengths, {steps} steps"]}
+
+
+def check_packing_syncs(pair: ModelPair, batch: int = 3) -> dict:
+    """Packed layers: an uneven batch without a cache (kept tokens packed) and a packed input (``--packing``)."""
+    from benchmarks.packing import training_batch
+    from pmod.packing import enable_packed_attention
+
+    if pair.device.type != "cuda":
+        raise RuntimeError(f"--check-syncs needs --device cuda, got {pair.device}")
+    model = pair.pmod
+    uneven = llm_inputs(pair, batch, uneven=True)
+    run_layer_loop_without_syncs(model, lambda: model(**uneven.model_kwargs(True), use_cache=False, logits_to_keep=1))
+    data = training_batch(pair, batch, seed=0)
+    saved = model.config._attn_implementation
+    enable_packed_attention(model.config)
+    try:
+        run_layer_loop_without_syncs(model, lambda: model(**data.packed(True), use_cache=False))
+    finally:
+        model.config._attn_implementation = saved
+    return {"passed": True, "checked": [f"uneven batch {batch} without a cache (packed kept tokens)",
+                                        f"packed input of {batch} samples with labels"]}

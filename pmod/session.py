@@ -78,12 +78,12 @@ def packed_routing_inputs(target_mask: torch.Tensor, rows: TokenRows, counts: To
     return RoutingInputs(target_rows, rows.valid, counts)
 
 
-def packs_kept_tokens(counts: TokenCounts, cache, input_rows: TokenRows | None) -> bool:
+def packs_kept_tokens(counts: TokenCounts, cache, input_rows: TokenRows | None, allowed: bool = True) -> bool:
     """Packed kept tokens pay off when samples keep different numbers of tokens; a cache needs the padded
-    layout, and a packed input needs packed layers."""
+    layout, and a packed input needs packed layers. ``allowed`` False keeps the padded layout (benchmarks)."""
     if input_rows is not None:
         return True
-    if cache is not None:
+    if cache is not None or not allowed:
         return False
     return len(set(counts.n_valid)) > 1 or len(set(counts.n_target)) > 1
 
@@ -104,7 +104,8 @@ class ForwardSession:
 
     def __init__(self, config, schedule: RetentionSchedule | None, cache, attention_mask: torch.Tensor | None,
                  hidden: torch.Tensor, past_length: int, routing: RoutingInputs | None,
-                 reducer: ReducerSpec | None = None, input_rows: TokenRows | None = None):
+                 reducer: ReducerSpec | None = None, input_rows: TokenRows | None = None,
+                 pack_kept_tokens: bool = True):
         """``input_rows``: the row maps of a packed input (``routing`` is then in row view)."""
         self.config = config
         self.cache = cache if isinstance(cache, PmodCache) else None
@@ -115,7 +116,7 @@ class ForwardSession:
         self.rows: TokenRows | None = None
         self.plans: dict[int, LayerPlan] = {}
         if routing is not None:
-            packed = packs_kept_tokens(routing.counts, cache, input_rows)
+            packed = packs_kept_tokens(routing.counts, cache, input_rows, pack_kept_tokens)
             self.plans = build_layer_plans(schedule, routing.counts, hidden.device, packed=packed)
             if packed:
                 self.rows = input_rows or TokenRows.padded(self.batch, self.length, hidden.device)

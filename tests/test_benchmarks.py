@@ -135,6 +135,52 @@ def test_gpu_presets_build_offline_at_7b_shapes(name, offline_hub):
     assert 6.7e9 < llm_params < 7.0e9
 
 
+def test_quick_run_packing_section(quick_result):
+    """Packed: tokens computed = real tokens; padded layouts pay for padding; every layout's loss is the same."""
+    pack = quick_result[0]["packing"]
+    rows = {(row["model"], row["layout"]): row for row in pack["rows"]}
+    assert set(rows) == {("dense", "padded"), ("dense", "packed"), ("p-MoD", "padded"), ("p-MoD", "packed"),
+                         ("p-MoD", "padded input, packed p-MoD layers")}
+    lengths = pack["lengths"]
+    assert len(lengths) == 8 and len(set(lengths)) > 1
+    assert rows["dense", "packed"]["tokens_computed"] == 8 * sum(lengths)  # 8 layers, no padding
+    assert rows["dense", "padded"]["tokens_computed"] == 8 * 8 * max(lengths)
+    for model in ("dense", "p-MoD"):
+        packed = rows[model, "packed"]
+        assert packed["tokens_computed"] == packed["real_tokens"] and packed["padding_share"] == 0
+        assert rows[model, "padded"]["tokens_computed"] > packed["real_tokens"]
+    assert rows["p-MoD", "packed"]["real_tokens"] < rows["dense", "packed"]["real_tokens"]
+    assert (rows["p-MoD", "packed"]["real_tokens"] < rows["p-MoD", "padded input, packed p-MoD layers"][
+        "tokens_computed"] < rows["p-MoD", "padded"]["tokens_computed"])
+    assert all(row["loss_diff"] < 1e-4 and row["ms"] > 0 for row in pack["rows"])
+    assert 0 < pack["padding_share"]["modality_length_grouped"] < 1 and 0 < pack["padding_share"]["random"] < 1
+
+
+def test_llava_mix_lengths_follow_the_source_shares():
+    from benchmarks.lengths import LLAVA_665K, draw_samples
+
+    samples = draw_samples(4000, 576, anyres=False, seed=0, max_length=2048)
+    text_only = sum(s.n_vision == 0 for s in samples) / len(samples)
+    assert text_only == pytest.approx(40 / sum(source.samples_k for source in LLAVA_665K), abs=0.02)
+    assert {s.n_vision for s in samples} == {0, 576}
+    assert max(s.total for s in samples) <= 2048
+    anyres = draw_samples(500, 2928, anyres=True, seed=0)
+    vision = [s.n_vision for s in anyres if s.n_vision]
+    assert min(vision) >= 1171 and max(vision) <= 2928
+
+
+def test_packed_input_reads_no_device_value_on_the_host():
+    """On the meta device, a packed training forward (row maps, packed p-MoD layers, loss) runs: no host read."""
+    from benchmarks.packing import training_batch
+
+    pair = build_pair(PRESETS["tiny"], torch.device("meta"), torch.float32)
+    data = training_batch(pair, 3, seed=0)
+    pair.pmod.config._attn_implementation = "pmod_packed_sdpa"
+    with torch.no_grad():
+        packed = pair.pmod(**data.packed(True), use_cache=False)
+    assert packed.logits.is_meta and packed.logits.shape[:2] == (1, sum(s.total for s in data.samples))
+
+
 def test_routed_prefill_reads_no_device_value_on_the_host():
     """CPU stand-in for --check-syncs: on the meta device any data-dependent host read raises."""
     from benchmarks.suite import new_cache
@@ -175,11 +221,17 @@ def test_uneven_inputs_are_left_padded_with_fewer_vision_tokens_per_row():
 
 @pytest.mark.gpu
 def test_layer_loop_has_no_device_to_host_sync_at_prefill_and_uneven_decode():
-    from benchmarks.syncs import check_decode_syncs, check_prefill_syncs, run_layer_loop_without_syncs
+    from benchmarks.syncs import (
+        check_decode_syncs,
+        check_packing_syncs,
+        check_prefill_syncs,
+        run_layer_loop_without_syncs,
+    )
 
     pair = build_pair(PRESETS["tiny"], torch.device("cuda"), torch.bfloat16)
     assert check_prefill_syncs(pair)["passed"]
     assert check_decode_syncs(pair)["passed"]
+    assert check_packing_syncs(pair)["passed"]
 
     layer = pair.pmod.get_model().layers[3]
     handle = layer.register_forward_hook(lambda module, args, output: output.sum().item())

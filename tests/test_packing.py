@@ -10,6 +10,7 @@ import torch
 from pmod_testing import build_pmod, dense_twin, images_for, mixed_prompts, right_padded
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from pmod.hf_compat import set_activation_checkpointing
 from pmod.packing import (
     PACKED_PREFIX,
     PackedSequences,
@@ -152,7 +153,7 @@ def test_packed_dense_model_equals_padded(tiny_models):
 def test_packing_with_gradient_checkpointing(pmod_model):
     prompts = uneven_prompts()
     padded_loss, padded_grads = loss_and_grads(pmod_model, prompts, pack=False)
-    pmod_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(pmod_model, True)
     packed_loss, packed_grads = loss_and_grads(pmod_model, prompts, pack=True)
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=1e-6)
     assert_same_grads(padded_grads, packed_grads)

@@ -67,6 +67,24 @@ def test_each_layer_caches_what_the_schedule_keeps(family):
     assert expected[-1] < n_text + n_visual
 
 
+def test_uneven_batch_without_cache_runs_packed_layers_like_the_cached_layout(family):
+    """Without a cache the p-MoD layers run the uneven rows' kept tokens packed; with one, padded. Same logits."""
+    model = with_random_routers(pmod_model(family))
+    inputs = vlm_inputs(model, family, MIXED)
+    language_model = model.model.language_model
+    calls = []
+    hook = language_model.layers[model.pmod_schedule.mod_layers[0]].mlp.register_forward_pre_hook(
+        lambda module, args: calls.append(tuple(args[0].shape[:2])))
+    with torch.no_grad():
+        packed = model(**inputs, use_cache=False).logits
+        padded = model(**inputs, use_cache=True).logits
+    hook.remove()
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(packed[valid], padded[valid], atol=2e-5, rtol=1e-4)
+    (packed_batch, packed_tokens), (padded_batch, padded_tokens) = calls
+    assert packed_batch == 1 and padded_batch == len(MIXED) and packed_tokens < padded_batch * padded_tokens
+
+
 def generated(model, inputs: dict, steps: int) -> torch.Tensor:
     output = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
     return output[:, inputs["input_ids"].shape[1]:]

@@ -55,6 +55,7 @@ class RoutingStats:
 
 class PmodLlavaLlamaModel(LlavaLlamaModel):
     config_class = PmodLlavaConfig
+    pack_kept_tokens = True  # False: uneven samples keep the padded compact layout (benchmarks compare both)
 
     def __init__(self, config):
         super().__init__(config)
@@ -138,7 +139,7 @@ class PmodLlavaLlamaModel(LlavaLlamaModel):
             else:
                 routing = routing_inputs(cache, past_length, length, mod_target_mask, attention_mask, token_counts)
         session = ForwardSession(self.config, self.schedule, cache, attention_mask, hidden, past_length, routing,
-                                 self.reducer, input_rows)
+                                 self.reducer, input_rows, self.pack_kept_tokens)
         if session.plans:
             self.last_routing_stats = RoutingStats(
                 routing.counts.n_target, {i: plan.keep_counts for i, plan in session.plans.items()}
