@@ -2,8 +2,9 @@
 
 A right-padded ``[B, Lk_max, D]`` batch with causal SDPA (what a p-MoD layer does when it fills a cache) pays
 for the padding in projections, MLP and attention. A packed ``[1, sum Lk, D]`` layout (what the layer does
-without a cache, ``pmod.packing``) pays only for real tokens but needs attention that keeps samples apart. The stock layer's ``self_attn`` is reused unchanged; only its attention
-function is swapped (transformers' ``AttentionInterface``) for:
+without a cache, ``pmod.packing``) pays only for real tokens but needs attention that keeps samples apart.
+The stock layer's ``self_attn`` is reused unchanged; only its attention function is swapped (transformers'
+``AttentionInterface``) for:
 
 * ``packed, per-sample SDPA``: one causal SDPA call per sample on host-known offsets (any device);
 * ``packed, varlen_attn``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention/cuDNN; CUDA only);
