@@ -109,10 +109,34 @@ class CompactLayer(GrowableLayer):
         self.prefill_slots = 0
         self.row_lengths: torch.Tensor | None = None  # [B] real prefill slots per row; None: all rows are full
         self.pattern: tuple[int, ...] | None = None  # host per-row lengths at prefill; None: no routed prefill
+        self._packed: tuple[torch.Tensor, int, int] | None = None  # the next update's packed layout
 
     @property
     def is_compact(self) -> bool:
         return self.pattern is not None
+
+    def expect_packed(self, slots: torch.Tensor, batch: int, width: int) -> None:
+        """The next update brings a packed ``[1, H, sum Lk, d]`` prefill: real slot ``slots[i]`` of the
+        ``[batch, width]`` compact grid is packed token i (``pmod.routing.PackedKept``)."""
+        self._packed = (slots, batch, width)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """A packed prefill is stored in the compact ``[B, H, Lk_max, d]`` layout (filler slots zero) and
+        attended as it came; any other update is stored as it comes."""
+        if self._packed is None:
+            return self._store(key_states, value_states, *args, **kwargs)
+        slots, batch, width = self._packed
+        self._packed = None
+        grids = []
+        for states in (key_states, value_states):
+            heads, dim = states.shape[1], states.shape[-1]
+            grid = states.new_zeros(batch * width, heads, dim).index_copy_(0, slots, states[0].transpose(0, 1))
+            grids.append(grid.view(batch, width, heads, dim).transpose(1, 2))
+        self._store(*grids, *args, **kwargs)
+        return key_states, value_states
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return super().update(key_states, value_states, *args, **kwargs)
 
     def record_prefill(self, row_lengths: torch.Tensor, host_lengths: tuple[int, ...]) -> None:
         """After a routed prefill: ``host_lengths`` real tokens per row, the longest row sets the slot count.
@@ -159,7 +183,7 @@ class CompactLayer(GrowableLayer):
 class ConcatenatingCompactLayer(CompactLayer):
     """A CompactLayer that grows by concatenation, as transformers' DynamicLayer does."""
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
 
 
@@ -196,6 +220,10 @@ class PmodCache(DynamicCache):
                 f"layer {layer_idx} of this PmodCache is not a p-MoD layer: build it as PmodCache(config=model.config)"
             )
         layer.record_prefill(row_lengths, host_lengths)
+
+    def expect_packed_prefill(self, layer_idx: int, slots: torch.Tensor, batch: int, width: int) -> None:
+        """Layer ``layer_idx``'s routed prefill runs packed: store it in the compact layout."""
+        self.layers[layer_idx].expect_packed(slots, batch, width)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if self.compact_layer(layer_idx) is not None:

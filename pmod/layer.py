@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from pmod.hf_compat import CACHE_ARG
 from pmod.packing import PACKING_KWARG, TokenRows, packed_attention_for
 from pmod.routing import LayerPlan, Selection, TokenRouter, gather_tokens, select_tokens
 from pmod.weight_norm import WeightNorm
@@ -89,7 +90,8 @@ def routed_forward(layer: nn.Module, router: TokenRouter | None, weight_norm: We
     training-free reducer, which takes ``routing.selection`` as chosen for it and leaves every weight at 1.
     """
     if routing.rows is not None:
-        output = _packed_forward(layer, router, weight_norm, hidden_states, routing, position_embeddings, **kwargs)
+        output = _packed_forward(layer, router, weight_norm, hidden_states, routing, position_embeddings, use_cache,
+                                 **kwargs)
     else:
         output = _padded_forward(layer, router, weight_norm, hidden_states, routing, position_embeddings, use_cache,
                                  **kwargs)
@@ -134,8 +136,9 @@ def _padded_forward(layer, router, weight_norm, hidden_states, routing: LayerRou
 
 
 def _packed_forward(layer, router, weight_norm, hidden_states, routing: LayerRouting, position_embeddings,
-                    **kwargs) -> torch.Tensor:
-    """The kept tokens of every sample as one packed row; selection still ranks within each sample's row."""
+                    use_cache: bool, **kwargs) -> torch.Tensor:
+    """The kept tokens of every sample as one packed row; selection still ranks within each sample's row. A
+    cache stores the row in its compact layout (``PmodCache.expect_packed_prefill``)."""
     rows, plan = routing.rows, routing.plan
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
     if router is None:
@@ -150,9 +153,12 @@ def _packed_forward(layer, router, weight_norm, hidden_states, routing: LayerRou
     batch = hidden_states.shape[0]
     rope = tuple(t.expand(batch, *t.shape[1:]).reshape(-1, t.shape[-1])[kept][None] for t in position_embeddings)
     kwargs[PACKING_KWARG] = plan.packed.sequences
+    cache = kwargs.get(CACHE_ARG)
+    if use_cache and cache is not None:
+        cache.expect_packed_prefill(layer.self_attn.layer_idx, plan.packed.slots, batch, plan.max_kept_length)
     with packed_attention_for(layer.self_attn.config):
         attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(compact), attention_mask=None,
-                                      position_embeddings=rope, use_cache=False, **kwargs)
+                                      position_embeddings=rope, use_cache=use_cache, **kwargs)
     residual = compact + attn_out
     mlp_out = layer.mlp(layer.post_attention_layernorm(residual))
     if scale is None:

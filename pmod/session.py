@@ -6,9 +6,9 @@ one host-to-device copy) and one compact causal mask per kept length; after pref
 kept-length pattern for the compact cache layers, on the device with no host read. ``finish()`` records in
 the :class:`PmodCache` what later steps need.
 
-Without a cache to fill (training, a forward without ``use_cache``), routed layers run their kept tokens
-packed when samples keep different numbers of tokens, and always when the input itself is packed
-(``--packing``); the plans then carry each layer's packed row, built in the same host-to-device copy.
+Routed layers run their kept tokens packed when samples keep different numbers of tokens, and always when the
+input itself is packed (``--packing``); the plans then carry each layer's packed row, built in the same
+host-to-device copy. A cache filled by a packed layer stores the compact layout as before.
 """
 
 from __future__ import annotations
@@ -78,14 +78,12 @@ def packed_routing_inputs(target_mask: torch.Tensor, rows: TokenRows, counts: To
     return RoutingInputs(target_rows, rows.valid, counts)
 
 
-def packs_kept_tokens(counts: TokenCounts, cache, input_rows: TokenRows | None, allowed: bool = True) -> bool:
-    """Packed kept tokens pay off when samples keep different numbers of tokens; a cache needs the padded
-    layout, and a packed input needs packed layers. ``allowed`` False keeps the padded layout (benchmarks)."""
+def packs_kept_tokens(counts: TokenCounts, input_rows: TokenRows | None, allowed: bool = True) -> bool:
+    """Packed kept tokens pay off when samples keep different numbers of tokens, and a packed input needs
+    packed layers. ``allowed`` False keeps the padded layout (benchmarks compare both)."""
     if input_rows is not None:
         return True
-    if cache is not None or not allowed:
-        return False
-    return len(set(counts.n_valid)) > 1 or len(set(counts.n_target)) > 1
+    return allowed and (len(set(counts.n_valid)) > 1 or len(set(counts.n_target)) > 1)
 
 
 def check_mask_width(attention_mask, cache, past_length: int, length: int) -> None:
@@ -116,7 +114,7 @@ class ForwardSession:
         self.rows: TokenRows | None = None
         self.plans: dict[int, LayerPlan] = {}
         if routing is not None:
-            packed = packs_kept_tokens(routing.counts, cache, input_rows, pack_kept_tokens)
+            packed = packs_kept_tokens(routing.counts, input_rows, pack_kept_tokens)
             self.plans = build_layer_plans(schedule, routing.counts, hidden.device, packed=packed)
             if packed:
                 self.rows = input_rows or TokenRows.padded(self.batch, self.length, hidden.device)

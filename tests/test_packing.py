@@ -10,7 +10,7 @@ import torch
 from pmod_testing import build_pmod, dense_twin, images_for, mixed_prompts, right_padded
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from pmod.hf_compat import set_activation_checkpointing
+from pmod.hf_compat import output_cache, set_activation_checkpointing
 from pmod.packing import (
     PACKED_PREFIX,
     PackedSequences,
@@ -21,6 +21,7 @@ from pmod.packing import (
     packed_kernel_name,
 )
 
+pytestmark = pytest.mark.compat
 ATOL = 2e-5
 
 
@@ -94,9 +95,11 @@ def test_token_rows_round_trip():
     assert rows.row_offsets.tolist() == [0, 3, 8]
 
 
-def test_uneven_batch_without_cache_runs_packed_layers_equal_to_padded(tiny_models):
-    """No cache: layers run their kept tokens packed; with a cache: the padded compact layout. Same logits."""
+def test_uneven_batch_runs_packed_layers_equal_to_padded(tiny_models):
+    """Uneven rows run each p-MoD layer's kept tokens packed (with or without a cache) and compute exactly the
+    real kept tokens; logits, the compact cache and greedy tokens equal the padded compact layout's."""
     model = build_pmod(tiny_models.vision_tower, factor=0.5)
+    llm = model.get_model()
     prompts = uneven_prompts()
     ids, mask = right_padded(prompts)
     images = images_for(prompts)
@@ -107,22 +110,34 @@ def test_uneven_batch_without_cache_runs_packed_layers_equal_to_padded(tiny_mode
             tokens_per_layer[index] = args[0].shape[0] * args[0].shape[1]
         return hook
 
-    handles = [model.get_model().layers[i].decoder_layer.mlp.register_forward_pre_hook(count(i))
-               for i in model.get_model().schedule.mod_layers]
-    with torch.no_grad():
-        packed = model(input_ids=ids, attention_mask=mask, images=images, use_cache=False).logits
-        stats = model.get_model().last_routing_stats
-        real = expanded_mask(model)
-        packed_tokens = dict(tokens_per_layer)
-        padded = model(input_ids=ids, attention_mask=mask, images=images, use_cache=True).logits
+    def run():
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, images=images, use_cache=False).logits
+            counted = dict(tokens_per_layer)
+            cache = output_cache(model(input_ids=ids, attention_mask=mask, images=images, use_cache=True))
+            tokens = model.generate(ids, attention_mask=mask, images=images, max_new_tokens=4, do_sample=False)
+        return logits, counted, cache, tokens
+
+    handles = [llm.layers[i].decoder_layer.mlp.register_forward_pre_hook(count(i)) for i in llm.schedule.mod_layers]
+    packed, packed_tokens, packed_cache, packed_generated = run()
+    stats = llm.last_routing_stats
+    llm.pack_kept_tokens = False
+    padded, padded_tokens, padded_cache, padded_generated = run()
     for handle in handles:
         handle.remove()
+    real = expanded_mask(model)
     torch.testing.assert_close(packed[real], padded[real], atol=ATOL, rtol=1e-4)
+    assert torch.equal(packed_generated, padded_generated)
     n_text = [valid - target for valid, target in zip(model.last_token_counts.n_valid, stats.n_vision)]
     for index, kept in stats.kept_vision.items():
-        real = sum(t + k for t, k in zip(n_text, kept))
-        assert packed_tokens[index] == real  # no padding computed
-        assert tokens_per_layer[index] == len(prompts) * max(t + k for t, k in zip(n_text, kept))
+        lengths = [t + k for t, k in zip(n_text, kept)]
+        assert packed_tokens[index] == sum(lengths)  # no padding computed
+        assert padded_tokens[index] == len(prompts) * max(lengths)
+        packed_layer, padded_layer = packed_cache.layers[index], padded_cache.layers[index]
+        assert packed_layer.pattern == padded_layer.pattern == tuple(lengths)
+        slots = packed_layer.prefill_valid()
+        torch.testing.assert_close(packed_layer.keys.transpose(1, 2)[slots], padded_layer.keys.transpose(1, 2)[slots],
+                                   atol=ATOL, rtol=1e-4)
 
 
 @pytest.mark.parametrize("weight_norm", ["tanh_0.2_1", "softmax_0.2_1"])

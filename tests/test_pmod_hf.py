@@ -67,22 +67,35 @@ def test_each_layer_caches_what_the_schedule_keeps(family):
     assert expected[-1] < n_text + n_visual
 
 
-def test_uneven_batch_without_cache_runs_packed_layers_like_the_cached_layout(family):
-    """Without a cache the p-MoD layers run the uneven rows' kept tokens packed; with one, padded. Same logits."""
+def test_uneven_batch_runs_packed_layers_like_the_padded_layout(family, monkeypatch):
+    """Uneven rows run their kept tokens packed, with or without a cache: the logits and the greedy tokens are the
+    padded layout's."""
+    import pmod.session
+
     model = with_random_routers(pmod_model(family))
     inputs = vlm_inputs(model, family, MIXED)
     language_model = model.model.language_model
     calls = []
     hook = language_model.layers[model.pmod_schedule.mod_layers[0]].mlp.register_forward_pre_hook(
         lambda module, args: calls.append(tuple(args[0].shape[:2])))
-    with torch.no_grad():
-        packed = model(**inputs, use_cache=False).logits
-        padded = model(**inputs, use_cache=True).logits
+
+    def run():
+        with torch.no_grad():
+            return (model(**inputs, use_cache=False).logits, model(**inputs, use_cache=True).logits,
+                    generated(model, inputs, 4))
+
+    packed, packed_cached, packed_tokens = run()
+    monkeypatch.setattr(pmod.session, "packs_kept_tokens", lambda *args: False)
+    first_padded_call = len(calls)
+    padded, padded_cached, padded_tokens = run()
     hook.remove()
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(packed[valid], padded[valid], atol=2e-5, rtol=1e-4)
-    (packed_batch, packed_tokens), (padded_batch, padded_tokens) = calls
-    assert packed_batch == 1 and padded_batch == len(MIXED) and packed_tokens < padded_batch * padded_tokens
+    torch.testing.assert_close(packed_cached[valid], padded_cached[valid], atol=2e-5, rtol=1e-4)
+    assert torch.equal(packed_tokens, padded_tokens)
+    assert calls[0][0] == 1 and calls[1][0] == 1  # packed, without and with a cache
+    padded_batch, padded_length = calls[first_padded_call]
+    assert padded_batch == len(MIXED) and calls[0][1] < padded_batch * padded_length
 
 
 def generated(model, inputs: dict, steps: int) -> torch.Tensor:
