@@ -1,8 +1,8 @@
 """Padded vs packed layout for a p-MoD layer's kept tokens, on one stock decoder layer, batch 8, uneven lengths.
 
-A right-padded ``[B, Lk_max, D]`` batch with causal SDPA (what a p-MoD layer does when it fills a cache) pays
-for the padding in projections, MLP and attention. A packed ``[1, sum Lk, D]`` layout (what the layer does
-without a cache, ``pmod.packing``) pays only for real tokens but needs attention that keeps samples apart.
+A right-padded ``[B, Lk_max, D]`` batch with causal SDPA (what p-MoD layers did before ``pmod.packing``) pays
+for the padding in projections, MLP and attention. A packed ``[1, sum Lk, D]`` layout (what they do now with
+uneven rows) pays only for real tokens but needs attention that keeps samples apart.
 The stock layer's ``self_attn`` is reused unchanged; only its attention function is swapped (transformers'
 ``AttentionInterface``) for:
 

@@ -77,7 +77,15 @@ def check_packing_syncs(pair: ModelPair, batch: int = 3) -> dict:
         raise RuntimeError(f"--check-syncs needs --device cuda, got {pair.device}")
     model = pair.pmod
     uneven = llm_inputs(pair, batch, uneven=True)
-    run_layer_loop_without_syncs(model, lambda: model(**uneven.model_kwargs(True), use_cache=False, logits_to_keep=1))
+    checked = []
+    for use_cache in (False, True):
+        cache = new_cache(model, is_pmod=True) if use_cache else None
+
+        def forward(cache=cache, use_cache=use_cache):
+            model(**uneven.model_kwargs(True), past_key_values=cache, use_cache=use_cache, logits_to_keep=1)
+
+        run_layer_loop_without_syncs(model, forward)
+        checked.append(f"uneven batch {batch}, packed kept tokens, use_cache={use_cache}")
     data = training_batch(pair, batch, seed=0)
     saved = model.config._attn_implementation
     enable_packed_attention(model.config)
@@ -85,5 +93,4 @@ def check_packing_syncs(pair: ModelPair, batch: int = 3) -> dict:
         run_layer_loop_without_syncs(model, lambda: model(**data.packed(True), use_cache=False))
     finally:
         model.config._attn_implementation = saved
-    return {"passed": True, "checked": [f"uneven batch {batch} without a cache (packed kept tokens)",
-                                        f"packed input of {batch} samples with labels"]}
+    return {"passed": True, "checked": checked + [f"packed input of {batch} samples with labels"]}

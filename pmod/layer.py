@@ -9,10 +9,10 @@ Per-token update (the official math, "STRing" reweighting with w = norm(router l
     skipped vision token   y = w * x
     padding                y = x
 
-The kept tokens run as a right-padded ``[B, Lk_max, D]`` batch when the layer fills a cache (the compact
-cache stores that layout) or when every sample keeps as many tokens; otherwise as one packed ``[1, sum Lk, D]``
-row, so projections, MLP and attention pay only for real tokens, and the result is written back in one
-``index_copy``.
+The kept tokens run as a right-padded ``[B, Lk_max, D]`` batch when every sample keeps as many tokens (no
+padding to save); otherwise as one packed ``[1, sum Lk, D]`` row, so projections, MLP and attention pay only for
+real tokens, and the result is written back in one ``index_copy``. A cache stores either in its compact
+``[B, Lk_max]`` layout.
 """
 
 from __future__ import annotations
