@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.lengths import SampleLength, draw_samples, padding_share
-from benchmarks.models import TEXT_BEFORE_IMAGE, ModelPair
+from benchmarks.models import TEXT_BEFORE_IMAGE, ModelPair, llm_inputs
+from benchmarks.suite import prefill_with_cache
 from benchmarks.timing import measure
 from llava.constants import IGNORE_INDEX
 from llava.train.sampler import modality_grouped_indices
@@ -175,6 +176,28 @@ def training_layouts(pair: ModelPair, warmup: int, repeats: int, batch: int, see
                  for name, layout, ms, tokens, loss in rows],
         "padding_share": distribution_padding(pair, batch),
     }
+
+
+def prefill_layouts(pair: ModelPair, warmup: int, repeats: int, batch: int) -> dict:
+    """A generation prefill (filling the cache) of a left-padded batch whose rows carry different numbers of
+    vision tokens (batched evaluation's case): dense, and p-MoD with its kept tokens padded or packed."""
+    inputs = llm_inputs(pair, batch, uneven=True)
+    llm = pair.pmod.get_model()
+    rows = []
+    try:
+        for layout, model, packed in (("dense", pair.dense, True), ("p-MoD, padded kept tokens", pair.pmod, False),
+                                      ("p-MoD, packed kept tokens", pair.pmod, True)):
+            llm.pack_kept_tokens = packed
+
+            def run(model=model):
+                prefill_with_cache(model, inputs, is_pmod=model is pair.pmod)
+
+            rows.append({"layout": layout, "ms": measure(run, pair.device, warmup, repeats).median_s * 1e3})
+    finally:
+        llm.pack_kept_tokens = True
+    for row in rows:
+        row["ratio_to_dense"] = row["ms"] / rows[0]["ms"]
+    return {"batch": batch, "vision_tokens": list(inputs.counts.n_target), "rows": rows}
 
 
 def distribution_padding(pair: ModelPair, batch: int, megabatches: int = 50, world_size: int = 8) -> dict:

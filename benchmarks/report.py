@@ -134,4 +134,11 @@ def _packing_section(pack: dict) -> list[str]:
     lines += ["", f"Padding share of right-padded batches of {pack['batch']} from the mix: random "
               f"{_number(shares['random'])}, LLaVA's modality-length grouping on {shares['world_size']} ranks "
               f"{_number(shares['modality_length_grouped'])}.", ""]
+    if pack.get("prefill"):
+        prefill = pack["prefill"]
+        lines += [f"Generation prefill (filling the cache), left-padded batch of {prefill['batch']} with vision tokens "
+                  f"{prefill['vision_tokens']}:", ""]
+        lines += _table(["layout", "ms", "vs dense"], [[r["layout"], r["ms"], r["ratio_to_dense"]]
+                                                       for r in prefill["rows"]])
+        lines.append("")
     return lines

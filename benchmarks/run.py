@@ -211,6 +211,9 @@ def main(argv=None) -> int:
     if "packing" in parts:
         logger.info("training step, padded vs packed, batch %d", args.train_batch)
         result["packing"] = packing.training_layouts(pair, settings.warmup, settings.repeats, args.train_batch)
+        logger.info("generation prefill, uneven batch %d, padded vs packed kept tokens", args.train_batch)
+        result["packing"]["prefill"] = packing.prefill_layouts(pair, settings.warmup, settings.repeats,
+                                                               args.train_batch)
     if args.check_syncs:
         logger.info("sync check")
         checks = [syncs.check_prefill_syncs(pair), syncs.check_decode_syncs(pair), syncs.check_packing_syncs(pair)]

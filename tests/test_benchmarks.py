@@ -154,6 +154,10 @@ def test_quick_run_packing_section(quick_result):
         "tokens_computed"] < rows["p-MoD", "padded"]["tokens_computed"])
     assert all(row["loss_diff"] < 1e-4 and row["ms"] > 0 for row in pack["rows"])
     assert 0 < pack["padding_share"]["modality_length_grouped"] < 1 and 0 < pack["padding_share"]["random"] < 1
+    prefill = pack["prefill"]
+    assert [row["layout"] for row in prefill["rows"]] == ["dense", "p-MoD, padded kept tokens",
+                                                         "p-MoD, packed kept tokens"]
+    assert len(set(prefill["vision_tokens"])) == 8 and all(row["ms"] > 0 for row in prefill["rows"])
 
 
 def test_llava_mix_lengths_follow_the_source_shares():
