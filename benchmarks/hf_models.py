@@ -48,6 +48,8 @@ REFUSED_PARTS = {
     "layer": "it times pmod.layer's routed layer, which the LLaVA presets measure and pmod.hf reuses unchanged",
     "attention": "it compares layouts of pmod.layer's routed layer, which the LLaVA presets measure and pmod.hf "
                  "reuses unchanged",
+    "packing": "padding-free training (--packing) is built for our LLaVA class only",
+    "uneven_prefill": "it switches our LLaVA class between its kept-token layouts; pmod.hf runs the same layer code",
 }
 QWEN, ONEVISION = "qwen2_5_vl", "llava_onevision"
 PAD_ID, BOS_ID, EOS_ID, FIRST_TEXT_ID = 0, 1, 2, 3

@@ -111,6 +111,8 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("packing"):
         lines += _packing_section(result["packing"])
+    if result.get("uneven_prefill"):
+        lines += _uneven_prefill_section(result["uneven_prefill"])
     if result.get("sync_check"):
         lines.append(f"Sync check: {result['sync_check']}")
         lines.append("")
@@ -134,11 +136,12 @@ def _packing_section(pack: dict) -> list[str]:
     lines += ["", f"Padding share of right-padded batches of {pack['batch']} from the mix: random "
               f"{_number(shares['random'])}, LLaVA's modality-length grouping on {shares['world_size']} ranks "
               f"{_number(shares['modality_length_grouped'])}.", ""]
-    if pack.get("prefill"):
-        prefill = pack["prefill"]
-        lines += [f"Generation prefill (filling the cache), left-padded batch of {prefill['batch']} with vision tokens "
-                  f"{prefill['vision_tokens']}:", ""]
-        lines += _table(["layout", "ms", "vs dense"], [[r["layout"], r["ms"], r["ratio_to_dense"]]
-                                                       for r in prefill["rows"]])
-        lines.append("")
     return lines
+
+
+def _uneven_prefill_section(prefill: dict) -> list[str]:
+    lines = [f"Generation prefill (filling the cache), left-padded batch of {prefill['batch']} with vision tokens "
+             f"{prefill['vision_tokens']}:", ""]
+    lines += _table(["layout", "ms", "vs dense"], [[r["layout"], r["ms"], r["ratio_to_dense"]]
+                                                   for r in prefill["rows"]])
+    return lines + [""]

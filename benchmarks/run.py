@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 logger = logging.getLogger("benchmarks")
-PARTS = ("prefill", "full", "decode", "uneven", "cache", "train", "kv", "layer", "attention", "packing")
+PARTS = ("prefill", "full", "decode", "uneven", "cache", "train", "kv", "layer", "attention", "packing",
+         "uneven_prefill")
 REDUCER_PARTS = ("prefill", "full", "decode", "uneven", "cache", "kv")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,7 +51,7 @@ def parse_args(argv):
     parser.add_argument("--decode-tokens", type=int, help="new tokens per decode run (default 32; 4 with --quick)")
     parser.add_argument("--decode-batches", default="1,8", help="comma-separated decode batch sizes")
     parser.add_argument("--train-batch", type=int, default=8,
-                        help="samples per training step in the packing part (default 8)")
+                        help="samples per training step (packing part) and rows (uneven_prefill part); default 8")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: stable on a shared machine; GPU runs ignore it)")
     parser.add_argument("--check-syncs", action="store_true",
@@ -211,9 +212,9 @@ def main(argv=None) -> int:
     if "packing" in parts:
         logger.info("training step, padded vs packed, batch %d", args.train_batch)
         result["packing"] = packing.training_layouts(pair, settings.warmup, settings.repeats, args.train_batch)
+    if "uneven_prefill" in parts:
         logger.info("generation prefill, uneven batch %d, padded vs packed kept tokens", args.train_batch)
-        result["packing"]["prefill"] = packing.prefill_layouts(pair, settings.warmup, settings.repeats,
-                                                               args.train_batch)
+        result["uneven_prefill"] = packing.prefill_layouts(pair, settings.warmup, settings.repeats, args.train_batch)
     if args.check_syncs:
         logger.info("sync check")
         checks = [syncs.check_prefill_syncs(pair), syncs.check_decode_syncs(pair), syncs.check_packing_syncs(pair)]

@@ -154,7 +154,7 @@ def test_quick_run_packing_section(quick_result):
         "tokens_computed"] < rows["p-MoD", "padded"]["tokens_computed"])
     assert all(row["loss_diff"] < 1e-4 and row["ms"] > 0 for row in pack["rows"])
     assert 0 < pack["padding_share"]["modality_length_grouped"] < 1 and 0 < pack["padding_share"]["random"] < 1
-    prefill = pack["prefill"]
+    prefill = quick_result[0]["uneven_prefill"]
     assert [row["layout"] for row in prefill["rows"]] == ["dense", "p-MoD, padded kept tokens",
                                                          "p-MoD, packed kept tokens"]
     assert len(set(prefill["vision_tokens"])) == 8 and all(row["ms"] > 0 for row in prefill["rows"])
@@ -321,6 +321,9 @@ def test_native_presets_refuse_what_they_do_not_measure(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--preset", "tiny-llava-onevision", "--parts", "prefill,full"])
     assert "--parts full: not for the transformers-native preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "tiny-qwen2.5-vl", "--parts", "packing"])
+    assert "packing: padding-free training (--packing) is built for our LLaVA class only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--preset", "qwen2.5-vl-7b", "--check-syncs"])
     assert "--check-syncs: not for the transformers-native preset" in capsys.readouterr().err
