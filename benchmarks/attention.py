@@ -100,11 +100,9 @@ def compare_layouts(pair: ModelPair, warmup: int, repeats: int, batch: int = 8) 
     padded = (torch.randn(batch, width, hidden_size, generator=generator) * 0.02).to(device, dtype)
     padded_rope = llm.rotary_emb(padded, position_ids=torch.arange(width, device=device)[None])
     packed = torch.cat([padded[b, :n] for b, n in enumerate(lengths)])[None]
-    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
-    packed_rope = llm.rotary_emb(packed, position_ids=positions)
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
+    sequences = PackedSequences.from_lengths(lengths, device)
+    packed_rope = llm.rotary_emb(packed, position_ids=sequences.position_ids(device))
+    offsets = sequences.offsets
 
     shape = ModelShape.from_config(pair.pmod.config)
     padded_flops = batch * (linear_flops(shape, width) + attention_flops(shape, width))
@@ -136,7 +134,6 @@ def compare_layouts(pair: ModelPair, warmup: int, repeats: int, batch: int = 8) 
                 rows.append(AttentionRow(label, total, None, None, packed_flops / padded_flops, None,
                                          f"failed: {type(error).__name__}: {str(error)[:120]}"))
 
-        sequences = PackedSequences.from_lengths(lengths, device)
         add("packed [1, sum Lk, D], per-sample SDPA", "pmod_bench_packed_sdpa", pack_sequences=sequences)
         if device.type != "cuda":
             for label in ("packed, varlen_attn", "packed, flex_attention"):

@@ -150,8 +150,8 @@ def _packed_forward(layer, router, weight_norm, hidden_states, routing: LayerRou
         scale = rows.to_flat(torch.where(routing.target_mask, weights, weights.new_ones(()))).to(flat.dtype)
     kept = (selection.compact_index + rows.row_offsets[:, None]).reshape(-1)[plan.packed.slots]
     compact = flat[kept][None]
-    batch = hidden_states.shape[0]
-    rope = tuple(t.expand(batch, *t.shape[1:]).reshape(-1, t.shape[-1])[kept][None] for t in position_embeddings)
+    batch, length = hidden_states.shape[:2]
+    rope = tuple(_gather_flat(t, kept, length) for t in position_embeddings)
     kwargs[PACKING_KWARG] = plan.packed.sequences
     cache = kwargs.get(CACHE_ARG)
     if use_cache and cache is not None:
@@ -165,3 +165,11 @@ def _packed_forward(layer, router, weight_norm, hidden_states, routing: LayerRou
         return flat.index_copy(0, kept, (residual + mlp_out)[0]).view_as(hidden_states)
     processed = residual + mlp_out * scale[kept].unsqueeze(-1)
     return (flat * scale.unsqueeze(-1)).index_copy(0, kept, processed[0]).view_as(hidden_states)
+
+
+def _gather_flat(values: torch.Tensor, flat_index: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, N, d] rows of a [B or 1, L, d] tensor at flat token indices b * L + position; a batch of 1 shared by
+    every row is read by position, without expanding it to B copies."""
+    if values.shape[0] == 1:
+        return values[0][flat_index % length][None]
+    return values.reshape(-1, values.shape[-1])[flat_index][None]

@@ -136,7 +136,6 @@ def _wrapping(base: str):
         if sequences is None:
             return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
                                                  scaling=scaling, **kwargs)
-        dropout = dropout if module.training else 0.0
         return packed_attention(query, key, value, sequences, dropout, scaling), None
 
     attention.__doc__ = f"{base} attention, or per-sample attention when given ``{PACKING_KWARG}``."
@@ -145,7 +144,6 @@ def _wrapping(base: str):
 
 def _packed_only(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The attention of a p-MoD layer's packed kept tokens (any base implementation)."""
-    dropout = dropout if module.training else 0.0
     return packed_attention(query, key, value, kwargs[PACKING_KWARG], dropout, scaling), None
 
 

@@ -117,7 +117,8 @@ class ForwardSession:
             packed = packs_kept_tokens(routing.counts, input_rows, pack_kept_tokens)
             self.plans = build_layer_plans(schedule, routing.counts, hidden.device, packed=packed)
             if packed:
-                self.rows = input_rows or TokenRows.padded(self.batch, self.length, hidden.device)
+                self.rows = input_rows if input_rows is not None else TokenRows.padded(self.batch, self.length,
+                                                                                       hidden.device)
         self._like = hidden
         self._prefill_masks: dict[int, object] = {}  # by compact length (caches are empty at prefill)
         self._cached_masks: dict[tuple, object] = {}  # by kept-length pattern
