@@ -50,6 +50,8 @@ REFUSED_PARTS = {
                  "reuses unchanged",
     "packing": "padding-free training (--packing) is built for our LLaVA class only",
     "uneven_prefill": "it switches our LLaVA class between its kept-token layouts; pmod.hf runs the same layer code",
+    "compiled": "the static cache with compiled decoding is built for our LLaVA class; pmod.hf generates with the "
+                "dynamic PmodCache",
 }
 QWEN, ONEVISION = "qwen2_5_vl", "llava_onevision"
 PAD_ID, BOS_ID, EOS_ID, FIRST_TEXT_ID = 0, 1, 2, 3

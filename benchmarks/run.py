@@ -20,7 +20,8 @@ from pathlib import Path
 
 logger = logging.getLogger("benchmarks")
 PARTS = ("prefill", "full", "decode", "uneven", "cache", "train", "kv", "layer", "attention", "packing",
-         "uneven_prefill")
+         "uneven_prefill", "compiled")
+OPT_IN_PARTS = ("compiled",)  # compiles each model's decode step (minutes on a CPU): run when asked for
 REDUCER_PARTS = ("prefill", "full", "decode", "uneven", "cache", "kv")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -45,7 +46,7 @@ def parse_args(argv):
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} (default: all the preset "
-                                        "supports)")
+                                        f"supports but {','.join(OPT_IN_PARTS)})")
     parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 2; 1 with --quick)")
     parser.add_argument("--repeats", type=int, help="timed calls, median reported (default 5; 3 with --quick)")
     parser.add_argument("--decode-tokens", type=int, help="new tokens per decode run (default 32; 4 with --quick)")
@@ -59,6 +60,9 @@ def parse_args(argv):
                              "torch.cuda.set_sync_debug_mode('error')")
     parser.add_argument("--reducer", help="time a training-free reducer (e.g. fastv_k2_keep0.25, docs/reducers.md) on "
                                           f"the dense model instead of p-MoD; parts {','.join(REDUCER_PARTS)}")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled part (default inductor; 'eager' checks the "
+                             "capture without code generation)")
     parser.add_argument("--json", type=Path, help="write the result as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the markdown report here")
     args = parser.parse_args(argv)
@@ -68,7 +72,8 @@ def parse_args(argv):
         _refuse_unmeasured(parser, args)
     if args.reducer:
         _check_reducer(parser, args, native)
-    args.parts = args.parts or ",".join(hf_models.PARTS if native else REDUCER_PARTS if args.reducer else PARTS)
+    default_parts = [part for part in PARTS if part not in OPT_IN_PARTS]
+    args.parts = args.parts or ",".join(hf_models.PARTS if native else REDUCER_PARTS if args.reducer else default_parts)
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from benchmarks import attention, layer_costs, packing, report, suite, syncs
+    from benchmarks import attention, layer_costs, packing, report, static_decode, suite, syncs
     from benchmarks.hf_models import HF_PRESETS, build_hf_pair
     from benchmarks.models import build_pair, with_reducer
 
@@ -190,6 +195,10 @@ def main(argv=None) -> int:
         for batch in settings.decode_batches:
             logger.info("decode, batch %d, concatenating cache", batch)
             rows.extend(decode(pair, settings, batch, uneven=batch > 1, preallocate=False))
+    if "compiled" in parts:
+        for batch in settings.decode_batches:
+            logger.info("decode via generate, batch %d, eager dynamic vs compiled static cache", batch)
+            rows.extend(static_decode.static_decode(pair, settings, batch, args.compile_backend))
     if "train" in parts:
         logger.info("training step")
         rows.extend(suite.training_step(pair, settings))

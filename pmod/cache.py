@@ -98,8 +98,9 @@ class GrowableLayer(DynamicLayer):
         super().reset()
 
 
-class CompactLayer(GrowableLayer):
-    """The cache of one p-MoD layer: a GrowableLayer plus which prefill slots of each row hold real tokens."""
+class CompactRecord:
+    """What makes a cache layer compact, whatever stores its keys: which prefill slots of each row hold real
+    tokens. Mixed in before a storage layer (growable, concatenating or static), whose ``update`` stores."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -124,7 +125,7 @@ class CompactLayer(GrowableLayer):
         """A packed prefill is stored in the compact ``[B, H, Lk_max, d]`` layout (filler slots zero) and
         attended as it came; any other update is stored as it comes."""
         if self._packed is None:
-            return self._store(key_states, value_states, *args, **kwargs)
+            return super().update(key_states, value_states, *args, **kwargs)
         slots, batch, width = self._packed
         self._packed = None
         grids = []
@@ -132,11 +133,8 @@ class CompactLayer(GrowableLayer):
             heads, dim = states.shape[1], states.shape[-1]
             grid = states.new_zeros(batch * width, heads, dim).index_copy_(0, slots, states[0].transpose(0, 1))
             grids.append(grid.view(batch, width, heads, dim).transpose(1, 2))
-        self._store(*grids, *args, **kwargs)
+        super().update(*grids, *args, **kwargs)
         return key_states, value_states
-
-    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return super().update(key_states, value_states, *args, **kwargs)
 
     def record_prefill(self, row_lengths: torch.Tensor, host_lengths: tuple[int, ...]) -> None:
         """After a routed prefill: ``host_lengths`` real tokens per row, the longest row sets the slot count.
@@ -180,11 +178,12 @@ class CompactLayer(GrowableLayer):
         self._forget_prefill()
 
 
-class ConcatenatingCompactLayer(CompactLayer):
-    """A CompactLayer that grows by concatenation, as transformers' DynamicLayer does."""
+class CompactLayer(CompactRecord, GrowableLayer):
+    """The cache of one p-MoD layer in preallocated, growing buffers."""
 
-    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
+
+class ConcatenatingCompactLayer(CompactRecord, DynamicLayer):
+    """A compact layer that grows by concatenation, as transformers' DynamicLayer does."""
 
 
 class PmodCache(DynamicCache):
@@ -208,14 +207,26 @@ class PmodCache(DynamicCache):
         self.prefill_vision: tuple[int, ...] | None = None  # vision tokens per row at the routed prefill
         self.added_tokens_may_pad = False  # a multi-token step after prefill came with an attention mask
 
+    def begin_forward(self, past_length: int, length: int, routed: bool) -> None:
+        """Called before the layers run (``length`` new tokens after ``past_length``); a cache that grows needs
+        nothing here, a fixed-capacity one (``pmod.static_cache``) checks and sizes itself."""
+
+    def advance(self, past_length: int, length: int) -> None:
+        """After a forward of ``length`` tokens that followed ``past_length`` cached ones."""
+        self.seen_tokens = past_length + length
+
+    def accepts_mask_width(self, width: int, past_length: int, length: int) -> bool:
+        """A step's 2D padding mask covers the cached tokens and the new ones."""
+        return width == past_length + length
+
     def compact_layer(self, layer_idx: int) -> CompactLayer | None:
         """The layer's cache if it holds a routed prefill's compact layout, else None."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        return layer if isinstance(layer, CompactLayer) and layer.is_compact else None
+        return layer if isinstance(layer, CompactRecord) and layer.is_compact else None
 
     def record_routed_prefill(self, layer_idx: int, row_lengths: torch.Tensor, host_lengths: tuple[int, ...]) -> None:
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        if not isinstance(layer, CompactLayer):
+        if not isinstance(layer, CompactRecord):
             raise TypeError(
                 f"layer {layer_idx} of this PmodCache is not a p-MoD layer: build it as PmodCache(config=model.config)"
             )

@@ -90,7 +90,7 @@ def check_mask_width(attention_mask, cache, past_length: int, length: int) -> No
     """Compact layers read the tokens added after prefill from the end of a full-sequence attention mask."""
     if attention_mask is None or attention_mask.ndim != 2 or not isinstance(cache, PmodCache) or past_length == 0:
         return
-    if attention_mask.shape[1] != past_length + length:
+    if not cache.accepts_mask_width(attention_mask.shape[1], past_length, length):
         raise ValueError(
             f"attention_mask covers {attention_mask.shape[1]} tokens; with a filled p-MoD cache it must cover the "
             f"{past_length} cached tokens and the {length} new ones"
@@ -113,6 +113,8 @@ class ForwardSession:
         self.routing = routing
         self.rows: TokenRows | None = None
         self.plans: dict[int, LayerPlan] = {}
+        if self.cache is not None:
+            self.cache.begin_forward(past_length, self.length, routing is not None)
         if routing is not None:
             packed = packs_kept_tokens(routing.counts, input_rows, pack_kept_tokens)
             self.plans = build_layer_plans(schedule, routing.counts, hidden.device, packed=packed)
@@ -177,4 +179,4 @@ class ForwardSession:
             self.cache.prefill_vision = self.routing.counts.n_target
         elif self._cached_masks and self.length > 1 and self.attention_mask is not None:
             self.cache.added_tokens_may_pad = True
-        self.cache.seen_tokens = self.past_length + self.length
+        self.cache.advance(self.past_length, self.length)

@@ -160,6 +160,24 @@ def test_quick_run_packing_section(quick_result):
     assert len(set(prefill["vision_tokens"])) == 8 and all(row["ms"] > 0 for row in prefill["rows"])
 
 
+def test_compiled_part_is_opt_in_and_times_both_caches_of_both_models(tmp_path):
+    assert "compiled" not in parse_args(["--quick"]).parts.split(",")
+    out = tmp_path / "compiled.json"
+    command = [sys.executable, "-m", "benchmarks.run", "--quick", "--parts", "compiled", "--compile-backend", "eager",
+               "--warmup", "0", "--repeats", "1", "--decode-tokens", "2", "--decode-batches", "1,2", "--json", str(out)]
+    run_command(command, timeout=300)
+    rows = json.loads(out.read_text())["model"]
+    assert [(row["measurement"], row["batch"]) for row in rows] == [
+        ("decode via generate, dynamic cache (eager), latency per token", 1),
+        ("decode via generate, static cache (compiled, eager), latency per token", 1),
+        ("decode via generate, static compiled throughput", 1),
+        ("decode via generate, uneven rows, dynamic cache (eager), latency per token", 2),
+        ("decode via generate, uneven rows, static cache (compiled, eager), latency per token", 2),
+        ("decode via generate, uneven rows, static compiled throughput", 2),
+    ]
+    assert all(row["dense"] > 0 and row["pmod"] > 0 for row in rows)
+
+
 def test_llava_mix_lengths_follow_the_source_shares():
     from benchmarks.lengths import LLAVA_665K, draw_samples
 
@@ -324,6 +342,9 @@ def test_native_presets_refuse_what_they_do_not_measure(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--preset", "tiny-qwen2.5-vl", "--parts", "packing"])
     assert "packing: padding-free training (--packing) is built for our LLaVA class only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "tiny-qwen2.5-vl", "--parts", "compiled"])
+    assert "compiled: the static cache with compiled decoding is built for our LLaVA class" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--preset", "qwen2.5-vl-7b", "--check-syncs"])
     assert "--check-syncs: not for the transformers-native preset" in capsys.readouterr().err

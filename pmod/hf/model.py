@@ -114,6 +114,10 @@ def pmod_class(base: type) -> type:
 
         def generate(self, *args, **kwargs):
             """``generate`` with a PmodCache (or the caller's cache, to continue a conversation)."""
+            if kwargs.get("cache_implementation") is not None:
+                raise NotImplementedError(
+                    f"cache_implementation={kwargs['cache_implementation']!r}: pmod.hf models generate with the "
+                    "dynamic PmodCache; the static cache (compiled decoding) is built for our LLaVA models")
             cache = pop_cache(kwargs)
             if cache is None and kwargs.get("use_cache", True) is not False:
                 cache = PmodCache(config=self.config.get_text_config())

@@ -26,6 +26,18 @@ def positions_from_mask(attention_mask: torch.Tensor, query_length: int) -> torc
     return positions.clamp(min=0)[:, -query_length:]
 
 
+def padded_decode_mask(attention_mask: torch.Tensor | None, query_length: int, capacity: int) -> torch.Tensor | None:
+    """A single-token decode step's ``[B, past + 1]`` padding mask, right-padded with zeros to ``[B, capacity]``
+    (a fixed-size cache's length): every compiled step then sees the same shapes, and the new token's position
+    (the count of real tokens) is unchanged by the zeros. Other steps' masks are returned as they are."""
+    if attention_mask is None or attention_mask.ndim != 2 or query_length != 1 or attention_mask.shape[1] == 1:
+        return attention_mask
+    if attention_mask.shape[1] > capacity:
+        raise ValueError(f"the static cache holds {capacity} tokens (max_cache_len); this step needs "
+                         f"{attention_mask.shape[1]}: build it with a larger max_cache_len")
+    return torch.nn.functional.pad(attention_mask, (0, capacity - attention_mask.shape[1]))
+
+
 def build_causal_lm(head: LlamaForCausalLM, config, model_class) -> None:
     """LlamaForCausalLM's construction with our model class, without first building a stock LlamaModel."""
     LlamaPreTrainedModel.__init__(head, config)
@@ -93,8 +105,16 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
             **kwargs,
         )
 
-    def generation_inputs(self, prepared: MultimodalInputs, cache=None) -> dict:
-        """Model kwargs for ``generate`` from prepared multimodal inputs; ``cache``: one to continue, or None."""
+    def create_masks_for_generate(self, attention_mask=None, inputs_embeds=None, **kwargs):
+        """With a fixed-size cache (``cache_implementation="static"``) transformers would build one 4D mask here for
+        every layer; our forward needs the 2D padding mask (left-padded rows' positions, p-MoD's compact-layer
+        masks), padded to the cache's capacity at decode steps (``padded_decode_mask``)."""
+        cache = pop_cache(kwargs)
+        return padded_decode_mask(attention_mask, inputs_embeds.shape[1], cache.get_max_length())
+
+    def generation_inputs(self, prepared: MultimodalInputs, cache=None, generation: dict | None = None) -> dict:
+        """Model kwargs for ``generate`` from prepared multimodal inputs; ``cache``: one to continue, or None;
+        ``generation``: the caller's generate kwargs (a subclass may take what sizes its cache from them)."""
         return {"inputs_embeds": prepared.inputs_embeds, "attention_mask": prepared.attention_mask,
                 **cache_kwargs(cache)}
 
@@ -117,7 +137,7 @@ class LlavaForCausalLMMixin(LlavaMetaForCausalLM):
             raise ValueError("generate(images=..., use_cache=False) is not supported: transformers feeds the prompt "
                              "embeddings only at the first step, so later steps would lose the image; use the cache")
         prepared = self.prepare_multimodal_inputs(inputs, attention_mask, None, images, image_sizes, padding_side="left")
-        return super().generate(**self.generation_inputs(prepared, cache), **kwargs)
+        return super().generate(**self.generation_inputs(prepared, cache, kwargs), **kwargs)
 
 
 class LlavaLlamaForCausalLM(LlavaForCausalLMMixin, LlamaForCausalLM):

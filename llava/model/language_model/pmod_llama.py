@@ -31,6 +31,7 @@ from pmod.routing import TokenCounts, TokenRouter, zero_linear
 from pmod.schedule import RetentionSchedule
 from pmod.session import ForwardSession, check_mask_width, packed_routing_inputs, routing_inputs
 from pmod.settings import MOD_CONFIG_KEYS, validate_mod_config
+from pmod.static_cache import new_generation_cache
 from pmod.weight_norm import parse_weight_norm
 
 
@@ -186,9 +187,14 @@ class PmodLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
     def routing_inputs(self, prepared: MultimodalInputs) -> dict:
         return {"mod_target_mask": prepared.target_mask, "token_counts": prepared.counts}
 
-    def generation_inputs(self, prepared: MultimodalInputs, cache=None) -> dict:
-        """A fresh PmodCache unless the caller continues one (e.g. a second chat turn)."""
-        inputs = super().generation_inputs(prepared, cache if cache is not None else PmodCache(config=self.config))
+    def generation_inputs(self, prepared: MultimodalInputs, cache=None, generation: dict | None = None) -> dict:
+        """A fresh PmodCache unless the caller continues one (e.g. a second chat turn); with
+        ``cache_implementation="static"`` a :class:`PmodStaticCache` sized for the prompt and ``max_new_tokens``
+        (the option is taken out of ``generation``: transformers would build a cache without p-MoD layers)."""
+        if cache is None:
+            cache = new_generation_cache(self.config, self.generation_config, prepared.inputs_embeds.shape[1],
+                                         generation if generation is not None else {})
+        inputs = super().generation_inputs(prepared, cache, generation)
         inputs.update(self.routing_inputs(prepared))
         return inputs
 
