@@ -186,3 +186,64 @@ def test_the_dynamic_cache_stays_the_default(pmod_model, tiny_models):
     inputs = left_padded_batch(pmod_model, tiny_models.vision_tower, count=2)
     output = generate(pmod_model, inputs, "greedy")
     assert type(output_cache(output)) is PmodCache
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_gives_the_dynamic_caches_tokens(tiny_models):
+    """transformers' own choice on a GPU: the static cache alone turns on compilation with CUDA graphs."""
+    model = next_pmod(tiny_models.vision_tower).cuda()
+    inputs = left_padded_batch(model, tiny_models.vision_tower)
+    inputs = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    inputs["images"] = [image.cuda() for image in inputs["images"]]
+    torch._dynamo.reset()
+    dynamic = generate(model, inputs, "greedy")
+    compiled = generate(model, inputs, "greedy", cache_implementation="static")
+    assert compiled.sequences.tolist() == dynamic.sequences.tolist()
+    assert hasattr(model, "_compiled_call"), "generate did not compile the decode step"
+
+
+def decode_by_hand(model, cache, steps=3):
+    """A routed prefill of an uneven batch, then single-token steps without an attention mask; the logits."""
+    from pmod.routing import TokenCounts
+
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 12, 64, generator=generator)
+    targets = torch.zeros(2, 12, dtype=torch.bool)
+    targets[0, 2:10], targets[1, 2:5] = True, True
+    counts = TokenCounts(n_target=(8, 3), n_valid=(12, 12))
+    logits = []
+    with torch.no_grad():
+        model(inputs_embeds=embeds, mod_target_mask=targets, token_counts=counts, past_key_values=cache,
+              use_cache=True)
+        for step in range(steps):
+            out = model(input_ids=torch.tensor([[40 + step], [50 + step]]), past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+def test_steps_without_an_attention_mask_never_read_the_empty_slots():
+    """A single-token step without padding may skip its mask (a causal kernel alone); over a static cache's
+    empty slots that would be wrong: dense and compact layers alike must mask them."""
+    from pmod_testing import build_pmod
+
+    model = build_pmod(None)
+    dynamic = decode_by_hand(model, PmodCache(config=model.config))
+    static = decode_by_hand(model, PmodStaticCache(model.config, max_cache_len=20))
+    torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)
+
+
+def test_static_decode_reads_no_device_value_on_the_host():
+    """On the meta device any data-dependent host read (.item(), .all() in an if, nonzero) raises."""
+    from pmod.routing import TokenCounts
+    from pmod_testing import build_pmod
+
+    model = build_pmod(None).to("meta")
+    cache = PmodStaticCache(model.config, max_cache_len=16)
+    counts = TokenCounts(n_target=(8, 3), n_valid=(12, 12))
+    with torch.no_grad():
+        model(inputs_embeds=torch.empty(2, 12, 64, device="meta"), mod_target_mask=torch.empty(
+            2, 12, dtype=torch.bool, device="meta"), token_counts=counts, past_key_values=cache, use_cache=True)
+        for _ in range(2):
+            out = model(input_ids=torch.zeros(2, 1, dtype=torch.long, device="meta"), past_key_values=cache,
+                        use_cache=True)
+    assert out.logits.shape == (2, 1, 300) and out.logits.is_meta and cache.get_seq_length() == 14
