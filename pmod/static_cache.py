@@ -10,6 +10,8 @@ the host.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
@@ -228,11 +230,16 @@ class PmodStaticCache(PmodCache):
 def new_generation_cache(config, generation_config, prompt_length: int, generation: dict) -> PmodCache:
     """The cache a p-MoD ``generate`` starts from: a :class:`PmodCache`, or with ``cache_implementation="static"``
     (in ``generation`` or the model's generation config) a :class:`PmodStaticCache` of ``prompt_length +
-    max_new_tokens``. The option is removed from ``generation``: transformers would build its own cache for it."""
+    max_new_tokens``. The option is taken out of ``generation`` (and of a generation config, by a copy):
+    transformers would build its own cache for it."""
     settings = generation.get("generation_config") or generation_config
     implementation = generation.pop("cache_implementation", None) or settings.cache_implementation
     if implementation is None:
         return PmodCache(config=config)
+    if settings.cache_implementation is not None:  # transformers refuses a cache next to a cache implementation
+        settings = copy.deepcopy(settings)
+        settings.cache_implementation = None
+        generation["generation_config"] = settings
     if implementation != "static":
         raise ValueError(f"cache_implementation={implementation!r}: a p-MoD model generates with its own dynamic "
                          "cache (the default) or 'static'")

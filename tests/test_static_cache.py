@@ -247,3 +247,15 @@ def test_static_decode_reads_no_device_value_on_the_host():
             out = model(input_ids=torch.zeros(2, 1, dtype=torch.long, device="meta"), past_key_values=cache,
                         use_cache=True)
     assert out.logits.shape == (2, 1, 300) and out.logits.is_meta and cache.get_seq_length() == 14
+
+
+def test_a_generation_config_may_ask_for_the_static_cache(pmod_model, tiny_models):
+    from transformers import GenerationConfig
+
+    inputs = left_padded_batch(pmod_model, tiny_models.vision_tower, count=2)
+    dynamic = generate(pmod_model, inputs, "greedy")
+    settings = GenerationConfig(cache_implementation="static", max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                do_sample=False, return_dict_in_generate=True)
+    static = pmod_model.generate(**inputs, generation_config=settings)
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    assert isinstance(output_cache(static), PmodStaticCache) and settings.cache_implementation == "static"
