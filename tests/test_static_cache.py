@@ -8,13 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_vlm_testing import tiny_vlm
-from pmod_testing import NEXT_PROMPTS, NEXT_SIZES, dense_twin, next_pmod, sample_images
-from transformers import CompileConfig
+from pmod_testing import NEXT_PROMPTS, NEXT_SIZES, build_pmod, dense_twin, next_pmod, sample_images
+from transformers import CompileConfig, GenerationConfig
 
 from llava.mm_utils import load_image_processor
 from pmod.cache import PmodCache
 from pmod.hf import apply_pmod
 from pmod.hf_compat import output_cache
+from pmod.routing import TokenCounts
 from pmod.static_cache import PmodStaticCache, StaticBufferLayer, StaticCompactLayer
 
 pytestmark = pytest.mark.compat
@@ -204,8 +205,6 @@ def test_cuda_graph_decode_gives_the_dynamic_caches_tokens(tiny_models):
 
 def decode_by_hand(model, cache, steps=3):
     """A routed prefill of an uneven batch, then single-token steps without an attention mask; the logits."""
-    from pmod.routing import TokenCounts
-
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, 12, 64, generator=generator)
     targets = torch.zeros(2, 12, dtype=torch.bool)
@@ -224,8 +223,6 @@ def decode_by_hand(model, cache, steps=3):
 def test_steps_without_an_attention_mask_never_read_the_empty_slots():
     """A single-token step without padding may skip its mask (a causal kernel alone); over a static cache's
     empty slots that would be wrong: dense and compact layers alike must mask them."""
-    from pmod_testing import build_pmod
-
     model = build_pmod(None)
     dynamic = decode_by_hand(model, PmodCache(config=model.config))
     static = decode_by_hand(model, PmodStaticCache(model.config, max_cache_len=20))
@@ -234,9 +231,6 @@ def test_steps_without_an_attention_mask_never_read_the_empty_slots():
 
 def test_static_decode_reads_no_device_value_on_the_host():
     """On the meta device any data-dependent host read (.item(), .all() in an if, nonzero) raises."""
-    from pmod.routing import TokenCounts
-    from pmod_testing import build_pmod
-
     model = build_pmod(None).to("meta")
     cache = PmodStaticCache(model.config, max_cache_len=16)
     counts = TokenCounts(n_target=(8, 3), n_valid=(12, 12))
@@ -250,8 +244,6 @@ def test_static_decode_reads_no_device_value_on_the_host():
 
 
 def test_a_generation_config_may_ask_for_the_static_cache(pmod_model, tiny_models):
-    from transformers import GenerationConfig
-
     inputs = left_padded_batch(pmod_model, tiny_models.vision_tower, count=2)
     dynamic = generate(pmod_model, inputs, "greedy")
     settings = GenerationConfig(cache_implementation="static", max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
