@@ -13,6 +13,8 @@ import torch
 
 from benchmarks.models import ModelPair, llm_inputs
 from benchmarks.suite import decode_steps, new_cache, prefill_with_cache
+from llava.model.language_model.llava_llama import padded_decode_mask
+from pmod.static_cache import PmodStaticCache
 
 
 def run_layer_loop_without_syncs(model, forward) -> None:
@@ -65,7 +67,22 @@ def check_decode_syncs(pair: ModelPair, batch: int = 2, steps: int = 3) -> dict:
     model = pair.pmod
     cache, token = prefill_with_cache(model, inputs, is_pmod=True)
     run_layer_loop_without_syncs(model, lambda: decode_steps(model, cache, token, inputs.attention_mask, steps))
-    return {"passed": True, "checked": [f"decode batch {batch} with uneven kept lengths, {steps} steps"]}
+    capacity = inputs.inputs_embeds.shape[1] + steps
+    static = PmodStaticCache(model.config, max_cache_len=capacity)
+    with torch.no_grad():
+        out = model(**inputs.model_kwargs(True), past_key_values=static, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def static_steps(mask=inputs.attention_mask):
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            with torch.no_grad():
+                model(input_ids=token, attention_mask=padded_decode_mask(mask, 1, capacity), past_key_values=static,
+                      use_cache=True, logits_to_keep=1)
+
+    run_layer_loop_without_syncs(model, static_steps)
+    return {"passed": True, "checked": [f"decode batch {batch} with uneven kept lengths, {steps} steps",
+                                        f"the same on the static cache (eager), {steps} steps"]}
 
 
 def check_packing_syncs(pair: ModelPair, batch: int = 3) -> dict:
