@@ -8,7 +8,8 @@ follow a filled cache (decode steps, a second chat turn, chunked text).
 
 Every layer writes new tokens into a preallocated buffer (:class:`GrowableLayer`) instead of concatenating:
 transformers' DynamicLayer copies the whole cache of every layer at every decode step, which on long
-multimodal prompts moves as many bytes as the attention reads.
+multimodal prompts moves as many bytes as the attention reads. ``pmod.static_cache`` stores the same compact
+layout (:class:`CompactRecord`) in fixed-capacity buffers, for compiled decoding.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class PmodCache(DynamicCache):
         """A step's 2D padding mask covers the cached tokens and the new ones."""
         return width == past_length + length
 
-    def compact_layer(self, layer_idx: int) -> CompactLayer | None:
+    def compact_layer(self, layer_idx: int) -> CompactRecord | None:
         """The layer's cache if it holds a routed prefill's compact layout, else None."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
         return layer if isinstance(layer, CompactRecord) and layer.is_compact else None
