@@ -112,9 +112,10 @@ def new_cache(model, is_pmod: bool, preallocate: bool = True):
     return DynamicCache(config=config)
 
 
-def prefill_with_cache(model, inputs, is_pmod: bool, preallocate: bool = True):
-    """The prefill a generation starts with; returns (cache, first new token [B, 1])."""
-    cache = new_cache(model, is_pmod, preallocate)
+def prefill_with_cache(model, inputs, is_pmod: bool, preallocate: bool = True, cache=None):
+    """The prefill a generation starts with, into ``cache`` (default: :func:`new_cache`); returns (cache, first
+    new token [B, 1])."""
+    cache = new_cache(model, is_pmod, preallocate) if cache is None else cache
     with torch.no_grad():
         out = model(**inputs.model_kwargs(is_pmod), **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)

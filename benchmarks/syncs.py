@@ -68,10 +68,8 @@ def check_decode_syncs(pair: ModelPair, batch: int = 2, steps: int = 3) -> dict:
     cache, token = prefill_with_cache(model, inputs, is_pmod=True)
     run_layer_loop_without_syncs(model, lambda: decode_steps(model, cache, token, inputs.attention_mask, steps))
     capacity = inputs.inputs_embeds.shape[1] + steps
-    static = PmodStaticCache(model.config, max_cache_len=capacity)
-    with torch.no_grad():
-        out = model(**inputs.model_kwargs(True), past_key_values=static, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    static, token = prefill_with_cache(model, inputs, is_pmod=True,
+                                       cache=PmodStaticCache(model.config, max_cache_len=capacity))
 
     def static_steps(mask=inputs.attention_mask):
         for _ in range(steps):

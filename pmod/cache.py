@@ -248,6 +248,12 @@ class PmodCache(DynamicCache):
             return layer.get_seq_length()
         return super().get_query_offset(layer_idx)
 
+    def reads_added_tokens_mask(self, attention_mask: torch.Tensor | None, query_length: int) -> bool:
+        """Whether a compact layer's mask reads the tokens added after prefill from the 2D ``attention_mask``:
+        only once a multi-token step has come with a mask (single-token decode steps are real tokens)."""
+        return attention_mask is not None and attention_mask.ndim == 2 and (
+            query_length > 1 or self.added_tokens_may_pad)
+
     def key_valid(self, layer_idx: int, attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
         """[B, keys after this step] bool for a compact layer: real prefill slots, then the tokens added since.
 
@@ -258,8 +264,7 @@ class PmodCache(DynamicCache):
         layer = self.compact_layer(layer_idx)
         prefill = layer.prefill_valid()
         added = layer.get_seq_length() - layer.prefill_slots + query_length
-        read_mask = attention_mask is not None and attention_mask.ndim == 2 and (
-            query_length > 1 or self.added_tokens_may_pad)
+        read_mask = self.reads_added_tokens_mask(attention_mask, query_length)
         if prefill is None and not read_mask:
             return None
         reference = prefill if prefill is not None else attention_mask

@@ -206,9 +206,7 @@ class PmodStaticCache(PmodCache):
         if prefill is None:
             prefill = torch.ones(batch, layer.prefill_slots, dtype=torch.bool, device=device)
         later_slots = layer.capacity - layer.prefill_slots
-        read_mask = attention_mask is not None and attention_mask.ndim == 2 and (
-            query_length > 1 or self.added_tokens_may_pad)
-        if read_mask:
+        if self.reads_added_tokens_mask(attention_mask, query_length):
             full = torch.nn.functional.pad(attention_mask, (0, self.sequence_capacity - attention_mask.shape[1]))
             later = full[:, self.prompt_length:self.prompt_length + later_slots].to(device=device, dtype=torch.bool)
         else:
